@@ -1,0 +1,113 @@
+"""Option groups of the commands: small, torch-free dataclasses validated on construction.
+
+jsonargparse turns each field into a dotted option (``--model.name``) and each field docstring into its
+help text, so validation here runs before any process group, model or file is touched.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+DataFormat = Literal["folder", "files", "webdataset", "synthetic"]
+Mode = Literal["image", "text", "both"]
+
+
+@dataclass
+class ModelArgs:
+    """Which open_clip model to run and where its weights come from."""
+
+    name: str = "ViT-B-32"
+    """open_clip model name (``python -c "import open_clip; print(open_clip.list_models())"``)."""
+    pretrained: str | None = None
+    """open_clip pretrained tag (e.g. ``openai``, ``laion2b_s34b_b79k``), a local ``.pt``/``.bin``/
+    ``.safetensors`` checkpoint, or null for random weights."""
+    config: str | None = None
+    """Path to a custom open_clip model-config JSON; it is registered under its file stem, which
+    becomes the model name unless ``name`` already equals it."""
+    cache_dir: str | None = None
+    """Where open_clip keeps downloaded weights (default: the Hugging Face / open_clip cache)."""
+
+    def __post_init__(self) -> None:
+        if self.config is not None:
+            path = Path(self.config)
+            if path.suffix != ".json" or not path.is_file():
+                raise ValueError(f"--model.config {self.config!r} is not an existing .json file")
+            self.name = path.stem
+        if self.pretrained is not None and _looks_like_path(self.pretrained):
+            if not Path(self.pretrained).is_file():
+                raise ValueError(
+                    f"--model.pretrained {self.pretrained!r} looks like a path but no such file exists; "
+                    "give an existing checkpoint file or an open_clip tag"
+                )
+
+
+@dataclass
+class DataArgs:
+    """Where the samples come from and how they are batched."""
+
+    format: DataFormat = "synthetic"
+    """Input kind: ``folder`` (images, captions in same-stem .txt), ``files`` (CSV/TSV/parquet/txt list),
+    ``webdataset`` (tar shards) or ``synthetic`` (generated images, for smoke tests and benchmarks)."""
+    source: str | None = None
+    """Folder path, list file, or webdataset path / brace pattern / ``pipe:`` URL. Unused for synthetic."""
+    batch_size: int = 256
+    """Samples per forward pass."""
+    num_workers: int = 4
+    """DataLoader worker processes per rank that read and decode samples."""
+    shard_size: int = 10_000
+    """Samples per input shard for ``folder``, ``files`` and ``synthetic``: the unit of work split across
+    ranks, written as one output file and skipped on resume once complete."""
+    image_column: str | None = None
+    """File-list column with the image path or URL (default: the first of image_path, path, filepath,
+    url, image)."""
+    caption_column: str | None = None
+    """File-list column with the caption (default: the first of caption, text, title, if any)."""
+    num_samples: int = 1024
+    """Number of samples for ``synthetic``."""
+    image_size: tuple[int, int] = (500, 375)
+    """Width and height of ``synthetic`` images before preprocessing."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"--data.batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"--data.num_workers must be >= 0, got {self.num_workers}")
+        if self.shard_size < 1:
+            raise ValueError(f"--data.shard_size must be >= 1, got {self.shard_size}")
+        if self.num_samples < 0:
+            raise ValueError(f"--data.num_samples must be >= 0, got {self.num_samples}")
+        if self.format == "synthetic":
+            if self.source:
+                raise ValueError(f"--data.source {self.source!r} is given but --data.format is synthetic; set --data.format")
+            return
+        if not self.source:
+            raise ValueError(f"--data.source is required for --data.format {self.format}")
+        if self.format in ("folder", "files") and not _is_url(self.source):
+            path = Path(self.source)
+            if self.format == "folder" and not path.is_dir():
+                raise ValueError(f"--data.source {self.source!r} is not a folder (--data.format folder)")
+            if self.format == "files" and not path.is_file():
+                raise ValueError(f"--data.source {self.source!r} is not a file (--data.format files)")
+
+
+@dataclass
+class OutputArgs:
+    """Where and how the embeddings are written."""
+
+    dir: str = "out"
+    """Output folder, laid out as clip-retrieval's (img_emb/, text_emb/, metadata/)."""
+    dtype: Literal["float16", "float32"] = "float16"
+    """Storage dtype of the L2-normalised embeddings."""
+    overwrite: bool = False
+    """Start again in an output folder that holds a run with a different configuration."""
+
+
+def _is_url(source: str) -> bool:
+    return "://" in source or source.startswith("pipe:")
+
+
+def _looks_like_path(value: str) -> bool:
+    return os.sep in value or value.endswith((".pt", ".pth", ".bin", ".safetensors", ".npz"))

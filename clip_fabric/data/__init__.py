@@ -1,0 +1,62 @@
+"""Input sources: each lists its shards (the unit of work, resume and output) and yields raw samples.
+
+A new input format is one new module with a ``Source`` class registered in ``SOURCES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from clip_fabric.config import DataArgs
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of work: a tar file, or rows ``[start, stop)`` of a listing."""
+
+    index: int
+    name: str
+    start: int = 0
+    stop: int = 0
+
+
+@dataclass
+class RawSample:
+    """A sample as read, before decoding. ``error`` set means it could not be read."""
+
+    key: str
+    image: bytes | None = None
+    caption: str | None = None
+    meta: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+
+class Source(Protocol):
+    def shards(self) -> list[Shard]: ...
+
+    def samples(self, shard: Shard) -> Iterator[RawSample]: ...
+
+
+def build_source(args: DataArgs, text_only: bool = False) -> Source:
+    """The source for ``args.format``; ``text_only`` sources skip reading image bytes."""
+    from clip_fabric.data.files import FileListSource
+    from clip_fabric.data.folder import FolderSource
+    from clip_fabric.data.synthetic import SyntheticSource
+    from clip_fabric.data.wds import WebDatasetSource
+
+    sources = {
+        "folder": FolderSource,
+        "files": FileListSource,
+        "webdataset": WebDatasetSource,
+        "synthetic": SyntheticSource,
+    }
+    return sources[args.format].from_args(args, text_only)
+
+
+def chunk(count: int, size: int, name: str) -> list[Shard]:
+    """Split ``count`` listed samples into shards of ``size`` (the last may be shorter)."""
+    return [Shard(i, name, start, min(start + size, count)) for i, start in enumerate(range(0, count, size))]

@@ -1,0 +1,77 @@
+"""WebDataset tar shards (local paths, brace patterns, URLs or ``pipe:`` commands): one tar, one shard.
+
+Tars are read with webdataset's own tar iterators; the split across ranks and workers is ours so that
+a shard's index, and so its output file, is the same on every run whatever the world size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import braceexpand
+from webdataset import tariterators
+
+from clip_fabric.config import DataArgs
+from clip_fabric.data import IMAGE_EXTENSIONS, RawSample, Shard
+
+CAPTION_FIELDS = ("txt", "caption", "text")
+
+
+def expand_urls(source: str) -> list[str]:
+    """Tar URLs of ``source``: a folder's ``*.tar`` files, or the brace expansion of a pattern."""
+    path = Path(source)
+    if path.is_dir():
+        urls = sorted(str(p) for p in path.glob("*.tar"))
+    else:
+        urls = [url for part in source.split("::") for url in braceexpand.braceexpand(part)]
+    if not urls:
+        raise ValueError(f"--data.source {source!r} names no tar shards")
+    return urls
+
+
+class WebDatasetSource:
+    def __init__(self, urls: list[str], text_only: bool = False) -> None:
+        self.urls = urls
+        self.text_only = text_only
+
+    @classmethod
+    def from_args(cls, args: DataArgs, text_only: bool) -> WebDatasetSource:
+        urls = expand_urls(args.source)
+        missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
+        if len(missing) == len(urls):
+            raise ValueError(f"--data.source {args.source!r}: none of its {len(urls)} tar files exists")
+        return cls(urls, text_only)
+
+    def shards(self) -> list[Shard]:
+        return [Shard(i, url) for i, url in enumerate(self.urls)]
+
+    def samples(self, shard: Shard) -> Iterator[RawSample]:
+        count = 0
+        try:
+            streams = tariterators.url_opener([{"url": shard.name}])
+            files = tariterators.tar_file_expander(streams)
+            for sample in tariterators.group_by_keys(files):
+                count += 1
+                yield self._raw(sample)
+        except Exception as err:  # noqa: BLE001 - a broken tar keeps the samples read before the break
+            yield RawSample(
+                f"{Path(shard.name).name}#{count}",
+                error=f"tar shard unreadable after {count} samples: {type(err).__name__}: {err}",
+            )
+
+    def _raw(self, sample: dict) -> RawSample:
+        caption = next((sample[f] for f in CAPTION_FIELDS if f in sample), None)
+        raw = RawSample(sample["__key__"], caption=caption.decode("utf-8").strip() if caption else None)
+        if self.text_only:
+            if raw.caption is None:
+                raw.error = "no caption field (txt) in sample"
+            return raw
+        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        if ext is None:
+            raw.error = f"no image field ({'/'.join(IMAGE_EXTENSIONS)}) in sample"
+        elif not sample[ext]:
+            raw.error = "empty file"
+        else:
+            raw.image = sample[ext]
+        return raw

@@ -1,0 +1,119 @@
+"""Loading open_clip models through open_clip's own factory, and the module that turns batches into
+L2-normalised embeddings."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from clip_fabric.config import ModelArgs
+
+log = logging.getLogger(__name__)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """The pretrained weights asked for are neither cached nor downloadable."""
+
+
+def register_config(args: ModelArgs) -> None:
+    """Make a custom model-config JSON known to open_clip (a no-op without one)."""
+    if args.config is not None:
+        open_clip.add_model_config(args.config)
+
+
+def check_model(args: ModelArgs) -> None:
+    """Fail fast, before any process starts, on an unknown model or weights that cannot be had."""
+    register_config(args)
+    if args.name not in open_clip.list_models():
+        raise ValueError(
+            f"unknown open_clip model {args.name!r}: pick one of open_clip.list_models() "
+            "or give --model.config path/to/config.json"
+        )
+    if args.pretrained is None or Path(args.pretrained).is_file():
+        return
+    cfg = open_clip.get_pretrained_cfg(args.name, args.pretrained)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(args.name)
+        raise ValueError(
+            f"--model.pretrained {args.pretrained!r} is neither a file nor a tag of {args.name}; "
+            f"known tags: {', '.join(tags) or 'none'}"
+        )
+    if not _weights_cached(cfg, args.cache_dir) and not _hub_reachable():
+        raise WeightsUnavailableError(
+            f"weights {args.name}/{args.pretrained} are not in the local cache and the hub cannot be "
+            "reached: download them once where there is network (open_clip.create_model"
+            f"('{args.name}', pretrained='{args.pretrained}')) or pass --model.pretrained /path/to/weights"
+        )
+
+
+def load_model(args: ModelArgs) -> tuple[nn.Module, Callable, Callable]:
+    """Return ``(model, preprocess, tokenizer)`` exactly as open_clip builds them for evaluation."""
+    register_config(args)
+    if args.pretrained is None:
+        # Every rank must build the same random weights, or ranks would disagree on the same input.
+        torch.manual_seed(0)
+        log.warning(
+            "NO PRETRAINED WEIGHTS: %s runs with RANDOM weights; its embeddings are meaningless. "
+            "Pass --model.pretrained TAG_OR_PATH for real ones.",
+            args.name,
+        )
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        args.name, pretrained=args.pretrained, cache_dir=args.cache_dir
+    )
+    model.eval().requires_grad_(False)
+    return model, preprocess, open_clip.get_tokenizer(args.name)
+
+
+class Encoder(nn.Module):
+    """Runs the towers the inputs ask for and returns float32, L2-normalised embeddings.
+
+    Normalising in float32 here means every precision writes unit vectors, and the cosine of two
+    runs is a plain dot product.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor | None = None, texts: Tensor | None = None) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        if images is not None:
+            out["image"] = F.normalize(self.model.encode_image(images).float(), dim=-1)
+        if texts is not None:
+            out["text"] = F.normalize(self.model.encode_text(texts).float(), dim=-1)
+        return out
+
+
+def _weights_cached(cfg: dict, cache_dir: str | None) -> bool:
+    if "file" in cfg:
+        return Path(cfg["file"]).is_file()
+    if cfg.get("hf_hub"):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id, filename = os.path.split(cfg["hf_hub"])
+        found = try_to_load_from_cache(repo_id, filename or "open_clip_pytorch_model.bin", cache_dir=cache_dir)
+        return isinstance(found, str)
+    if cfg.get("url"):
+        root = Path(cache_dir or Path.home() / ".cache" / "clip")
+        return (root / os.path.basename(cfg["url"])).is_file()
+    return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One short connection attempt instead of the hub client's long retry loop."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+

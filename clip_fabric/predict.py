@@ -1,0 +1,184 @@
+"""``predict``: embed images and/or captions into clip-retrieval-compatible output shards.
+
+``setup`` validates everything and starts the ranks; ``main`` is the per-rank loop:
+source -> decode (DataLoader workers) -> batch -> device -> encode -> write.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from lightning.fabric import Fabric
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from clip_fabric.config import DataArgs, Mode, ModelArgs, OutputArgs
+from clip_fabric.data import Source, build_source
+from clip_fabric.data.decode import CpuDecoder
+from clip_fabric.data.stream import ShardStream
+from clip_fabric.model import Encoder, check_model, load_model
+from clip_fabric.strategies import build_strategy
+from clip_fabric.writers import DONE_DIR, EMBEDDING_DIRS, ShardWriter, done_shards
+
+log = logging.getLogger(__name__)
+RUN_FILE = "run.json"
+
+
+def setup(
+    model: ModelArgs = ModelArgs(),
+    data: DataArgs = DataArgs(),
+    output: OutputArgs = OutputArgs(),
+    mode: Mode = "image",
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    precision: str = "32-true",
+) -> dict:
+    """Embed images and/or captions with an open_clip model, on one device or many.
+
+    Args:
+        model: The open_clip model and its weights.
+        data: The input samples.
+        output: Where the embeddings go.
+        mode: Which towers run: ``image``, ``text`` or ``both`` (image-caption pairs).
+        accelerator: Fabric accelerator: ``cpu``, ``cuda``, ``gpu`` or ``auto``.
+        devices: Devices per node (a count, or ``auto``).
+        num_nodes: Number of nodes.
+        strategy: ``auto`` (one device, else data parallel) or ``ddp``.
+        precision: Fabric precision, e.g. ``32-true``, ``16-mixed``, ``bf16-mixed``.
+
+    Returns:
+        The run summary (also written to ``<output.dir>/summary.json``).
+    """
+    check_model(model)
+    source = build_source(data, text_only=mode == "text")
+    run = {
+        "fingerprint": _fingerprint(model, data, output, mode, precision),
+        "config": {"model": asdict(model), "data": asdict(data), "output": asdict(output), "mode": mode,
+                   "accelerator": accelerator, "devices": devices, "num_nodes": num_nodes,
+                   "strategy": strategy, "precision": precision},
+    }
+    _check_output_dir(Path(output.dir), run["fingerprint"], output.overwrite)
+    fabric = Fabric(
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=build_strategy(strategy, devices, num_nodes),
+        precision=precision,
+    )
+    return fabric.launch(main, source, model, data, output, mode, run)
+
+
+def main(
+    fabric: Fabric, source: Source, model_args: ModelArgs, data: DataArgs, output: OutputArgs, mode: Mode, run: dict
+) -> dict:
+    out_dir = Path(output.dir)
+    if fabric.global_rank == 0:
+        _start_output_dir(out_dir, run, output.overwrite)
+    fabric.barrier()
+
+    model, preprocess, tokenizer = load_model(model_args)
+    encoder = fabric.setup_module(Encoder(model))
+    shards = source.shards()
+    done = done_shards(out_dir)
+    mine = [s for s in shards[fabric.global_rank :: fabric.world_size] if s.index not in done]
+    stream = ShardStream(
+        source, mine, CpuDecoder(preprocess, tokenizer), data.batch_size,
+        need_image=mode != "text", need_text=mode != "image",
+    )
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=min(data.num_workers, len(mine)),
+        pin_memory=fabric.device.type == "cuda",
+    )
+    writer = ShardWriter(out_dir, len(shards), output.dtype)
+    names = {s.index: s.name for s in mine}
+    rows = errors = 0
+    start = time.perf_counter()
+    progress = tqdm(desc=f"embedding {len(mine)} shards", unit=" samples", disable=fabric.global_rank != 0)
+    with torch.inference_mode():
+        for batch in loader:
+            embeddings = {}
+            if batch["rows"]:
+                images, texts = (fabric.to_device(batch[k]) if batch[k] is not None else None for k in ("images", "texts"))
+                embeddings = {tower: e.cpu().numpy() for tower, e in encoder(images, texts).items()}
+            writer.add(batch["shard"], names[batch["shard"]], batch["rows"], batch["errors"], embeddings, batch["last"])
+            rows += len(batch["rows"])
+            errors += len(batch["errors"])
+            progress.update(len(batch["rows"]))
+    writer.close()
+    progress.close()
+    seconds = time.perf_counter() - start
+    counts = fabric.all_reduce(torch.tensor([rows, errors], device=fabric.device), reduce_op="sum")
+    rows = int(counts[0])
+    fabric.barrier()
+    summary = _summarize(out_dir, run, len(shards), rows, int(counts[1]), seconds, fabric.world_size)
+    if fabric.global_rank == 0:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    fabric.print(
+        f"clip_fabric: {summary['rows']} rows, {summary['errors']} skipped samples (errors/), "
+        f"{summary['shards_done']}/{summary['shards_total']} shards in {out_dir}; this run {rows} rows "
+        f"at {summary['this_run']['samples_per_s'] or 0:.1f} samples/s on {fabric.world_size} rank(s)"
+    )
+    return summary
+
+
+def _fingerprint(model: ModelArgs, data: DataArgs, output: OutputArgs, mode: str, precision: str) -> dict:
+    """What must not change between a run and its resumption: anything that changes the rows written."""
+    return {
+        "model": asdict(model) | {"cache_dir": None},
+        "data": {k: v for k, v in asdict(data).items() if k not in ("batch_size", "num_workers")},
+        "mode": mode,
+        "precision": precision,
+        "dtype": output.dtype,
+    }
+
+
+def _check_output_dir(out_dir: Path, fingerprint: dict, overwrite: bool) -> None:
+    run_file = out_dir / RUN_FILE
+    if overwrite or not run_file.is_file():
+        return
+    before = json.loads(run_file.read_text())["fingerprint"]
+    if before != json.loads(json.dumps(fingerprint)):
+        changed = sorted(k for k in fingerprint if before.get(k) != json.loads(json.dumps(fingerprint[k])))
+        raise ValueError(
+            f"{out_dir} holds a run with a different {', '.join(changed)}: resume it with the same settings, "
+            "choose another --output.dir, or pass --output.overwrite true to start again"
+        )
+
+
+def _start_output_dir(out_dir: Path, run: dict, overwrite: bool) -> None:
+    if overwrite:
+        for sub in (*EMBEDDING_DIRS.values(), "metadata", "errors", DONE_DIR):
+            shutil.rmtree(out_dir / sub, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RUN_FILE).write_text(json.dumps(run, indent=2, default=str))
+
+
+def _summarize(
+    out_dir: Path, run: dict, num_shards: int, rows: int, errors: int, seconds: float, world_size: int
+) -> dict:
+    done = done_shards(out_dir)
+    summary = {
+        "rows": sum(r["rows"] for r in done.values()),
+        "errors": sum(r["errors"] for r in done.values()),
+        "shards_done": len(done),
+        "shards_total": num_shards,
+        "this_run": {
+            "rows": rows,
+            "errors": errors,
+            "seconds": round(seconds, 3),
+            "samples_per_s": round(rows / seconds, 1) if seconds > 0 else None,
+            "world_size": world_size,
+        },
+        "config": run["config"],
+    }
+    return summary

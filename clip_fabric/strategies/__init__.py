@@ -1,0 +1,20 @@
+"""Fabric strategies by ``--strategy`` name. Each is a Fabric ``Strategy``; the predict loop never asks
+which one it runs under."""
+
+from __future__ import annotations
+
+from lightning.fabric.strategies import Strategy
+
+from clip_fabric.strategies.ddp import InferenceDDPStrategy
+
+STRATEGIES: dict[str, type[Strategy]] = {"ddp": InferenceDDPStrategy}
+
+
+def build_strategy(name: str, devices: int | str, num_nodes: int) -> Strategy | str:
+    """The strategy for ``name``; ``auto`` is data parallel over several devices, else one device."""
+    if name == "auto":
+        single = str(devices) == "1" and num_nodes == 1
+        return "auto" if single else InferenceDDPStrategy()
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown --strategy {name!r}; choose one of: auto, {', '.join(STRATEGIES)}")
+    return STRATEGIES[name]()

@@ -1,0 +1,119 @@
+"""Output shards in clip-retrieval's layout, written atomically, one per input shard, off the main thread.
+
+For input shard N (zero-padded to the width of the shard count) a complete output is::
+
+    img_emb/img_emb_N.npy   text_emb/text_emb_N.npy   metadata/metadata_N.parquet
+    errors/errors_N.parquet (only if some samples failed)   _done/N.json (written last)
+
+Every file goes to a temporary name first and is renamed into place, and ``_done/N.json`` is renamed
+last, so a shard either has its done marker and all its files, or it is redone on the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+EMBEDDING_DIRS = {"image": "img_emb", "text": "text_emb"}
+DONE_DIR = "_done"
+
+
+@dataclass
+class _ShardRows:
+    rows: list[dict] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)
+    embeddings: dict[str, list[np.ndarray]] = field(default_factory=lambda: defaultdict(list))
+
+
+def shard_name(index: int, num_shards: int) -> str:
+    return f"{index:0{len(str(max(num_shards - 1, 0)))}d}"
+
+
+def done_shards(out_dir: str | os.PathLike) -> dict[int, dict]:
+    """Done records of the shards completed in ``out_dir`` so far, by shard index."""
+    done = {}
+    for path in sorted((Path(out_dir) / DONE_DIR).glob("*.json")):
+        record = json.loads(path.read_text())
+        done[record["shard"]] = record
+    return done
+
+
+class ShardWriter:
+    """Collects a shard's batches and writes the shard when its last batch arrives."""
+
+    def __init__(self, out_dir: str | os.PathLike, num_shards: int, dtype: str = "float16") -> None:
+        self.out_dir = Path(out_dir)
+        self.num_shards = num_shards
+        self.dtype = np.dtype(dtype)
+        for sub in (*EMBEDDING_DIRS.values(), "metadata", "errors", DONE_DIR):
+            (self.out_dir / sub).mkdir(parents=True, exist_ok=True)
+        self._open: dict[int, _ShardRows] = defaultdict(_ShardRows)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._writes: list[Future] = []
+
+    def add(self, shard: int, source: str, rows: list[dict], errors: list[dict], embeddings: dict, last: bool):
+        """Add one batch's rows, errors and ``{"image"|"text": array}`` embeddings to its shard."""
+        buffer = self._open[shard]
+        buffer.rows.extend(rows)
+        buffer.errors.extend(errors)
+        for tower, array in embeddings.items():
+            buffer.embeddings[tower].append(array.astype(self.dtype, copy=False))
+        if last:
+            self._writes.append(self._pool.submit(self._write, shard, source, self._open.pop(shard)))
+            self._raise_failed()
+
+    def close(self) -> None:
+        """Wait for the pending writes; re-raise the first that failed."""
+        self._pool.shutdown(wait=True)
+        self._raise_failed()
+        if self._open:
+            raise RuntimeError(f"shards {sorted(self._open)} never received their last batch")
+
+    def _raise_failed(self) -> None:
+        for future in [f for f in self._writes if f.done()]:
+            future.result()
+            self._writes.remove(future)
+
+    def _write(self, shard: int, source: str, buffer: _ShardRows) -> None:
+        name = shard_name(shard, self.num_shards)
+        for tower, sub in EMBEDDING_DIRS.items():
+            arrays = buffer.embeddings.get(tower)
+            self._replace(self.out_dir / sub / f"{sub}_{name}.npy", np.concatenate(arrays) if arrays else None)
+        self._replace(self.out_dir / "metadata" / f"metadata_{name}.parquet", _table(buffer.rows))
+        self._replace(self.out_dir / "errors" / f"errors_{name}.parquet", _table(buffer.errors))
+        record = {"shard": shard, "source": source, "rows": len(buffer.rows), "errors": len(buffer.errors)}
+        self._replace(self.out_dir / DONE_DIR / f"{name}.json", record)
+
+    @staticmethod
+    def _replace(path: Path, content: np.ndarray | pa.Table | dict | None) -> None:
+        """Atomically put ``content`` at ``path``; ``None`` removes what an interrupted run left there."""
+        if content is None:
+            path.unlink(missing_ok=True)
+            return
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            if isinstance(content, np.ndarray):
+                np.save(f, content)
+            elif isinstance(content, pa.Table):
+                pq.write_table(content, f)
+            else:
+                f.write(json.dumps(content).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def _table(rows: list[dict]) -> pa.Table | None:
+    """Rows as a table of strings (one schema for every shard, missing captions as nulls); no rows gives
+    no file, since zero-row files trip readers such as embedding-reader."""
+    if not rows:
+        return None
+    return pa.table({name: pa.array([row.get(name) for row in rows], pa.string()) for name in rows[0]})
