@@ -81,7 +81,10 @@ class DataArgs:
             raise ValueError(f"--data.num_samples must be >= 0, got {self.num_samples}")
         if self.format == "synthetic":
             if self.source:
-                raise ValueError(f"--data.source {self.source!r} is given but --data.format is synthetic; set --data.format")
+                raise ValueError(
+                    f"--data.source {self.source!r} is given but --data.format is synthetic; "
+                    "set --data.format"
+                )
             return
         if not self.source:
             raise ValueError(f"--data.source is required for --data.format {self.format}")

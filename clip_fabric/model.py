@@ -99,7 +99,9 @@ def _weights_cached(cfg: dict, cache_dir: str | None) -> bool:
         from huggingface_hub import try_to_load_from_cache
 
         repo_id, filename = os.path.split(cfg["hf_hub"])
-        found = try_to_load_from_cache(repo_id, filename or "open_clip_pytorch_model.bin", cache_dir=cache_dir)
+        found = try_to_load_from_cache(
+            repo_id, filename or "open_clip_pytorch_model.bin", cache_dir=cache_dir
+        )
         return isinstance(found, str)
     if cfg.get("url"):
         root = Path(cache_dir or Path.home() / ".cache" / "clip")
@@ -116,4 +118,3 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
-

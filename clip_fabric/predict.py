@@ -61,9 +61,17 @@ def setup(
     source = build_source(data, text_only=mode == "text")
     run = {
         "fingerprint": _fingerprint(model, data, output, mode, precision),
-        "config": {"model": asdict(model), "data": asdict(data), "output": asdict(output), "mode": mode,
-                   "accelerator": accelerator, "devices": devices, "num_nodes": num_nodes,
-                   "strategy": strategy, "precision": precision},
+        "config": {
+            "model": asdict(model),
+            "data": asdict(data),
+            "output": asdict(output),
+            "mode": mode,
+            "accelerator": accelerator,
+            "devices": devices,
+            "num_nodes": num_nodes,
+            "strategy": strategy,
+            "precision": precision,
+        },
     }
     _check_output_dir(Path(output.dir), run["fingerprint"], output.overwrite)
     fabric = Fabric(
@@ -77,7 +85,13 @@ def setup(
 
 
 def main(
-    fabric: Fabric, source: Source, model_args: ModelArgs, data: DataArgs, output: OutputArgs, mode: Mode, run: dict
+    fabric: Fabric,
+    source: Source,
+    model_args: ModelArgs,
+    data: DataArgs,
+    output: OutputArgs,
+    mode: Mode,
+    run: dict,
 ) -> dict:
     out_dir = Path(output.dir)
     if fabric.global_rank == 0:
@@ -90,8 +104,12 @@ def main(
     done = done_shards(out_dir)
     mine = [s for s in shards[fabric.global_rank :: fabric.world_size] if s.index not in done]
     stream = ShardStream(
-        source, mine, CpuDecoder(preprocess, tokenizer), data.batch_size,
-        need_image=mode != "text", need_text=mode != "image",
+        source,
+        mine,
+        CpuDecoder(preprocess, tokenizer),
+        data.batch_size,
+        need_image=mode != "text",
+        need_text=mode != "image",
     )
     loader = DataLoader(
         stream,
@@ -108,9 +126,18 @@ def main(
         for batch in loader:
             embeddings = {}
             if batch["rows"]:
-                images, texts = (fabric.to_device(batch[k]) if batch[k] is not None else None for k in ("images", "texts"))
+                images, texts = (
+                    fabric.to_device(batch[k]) if batch[k] is not None else None for k in ("images", "texts")
+                )
                 embeddings = {tower: e.cpu().numpy() for tower, e in encoder(images, texts).items()}
-            writer.add(batch["shard"], names[batch["shard"]], batch["rows"], batch["errors"], embeddings, batch["last"])
+            writer.add(
+                batch["shard"],
+                names[batch["shard"]],
+                batch["rows"],
+                batch["errors"],
+                embeddings,
+                batch["last"],
+            )
             rows += len(batch["rows"])
             errors += len(batch["errors"])
             progress.update(len(batch["rows"]))

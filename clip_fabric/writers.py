@@ -59,7 +59,9 @@ class ShardWriter:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self._writes: list[Future] = []
 
-    def add(self, shard: int, source: str, rows: list[dict], errors: list[dict], embeddings: dict, last: bool):
+    def add(
+        self, shard: int, source: str, rows: list[dict], errors: list[dict], embeddings: dict, last: bool
+    ):
         """Add one batch's rows, errors and ``{"image"|"text": array}`` embeddings to its shard."""
         buffer = self._open[shard]
         buffer.rows.extend(rows)
@@ -86,7 +88,9 @@ class ShardWriter:
         name = shard_name(shard, self.num_shards)
         for tower, sub in EMBEDDING_DIRS.items():
             arrays = buffer.embeddings.get(tower)
-            self._replace(self.out_dir / sub / f"{sub}_{name}.npy", np.concatenate(arrays) if arrays else None)
+            self._replace(
+                self.out_dir / sub / f"{sub}_{name}.npy", np.concatenate(arrays) if arrays else None
+            )
         self._replace(self.out_dir / "metadata" / f"metadata_{name}.parquet", _table(buffer.rows))
         self._replace(self.out_dir / "errors" / f"errors_{name}.parquet", _table(buffer.errors))
         record = {"shard": shard, "source": source, "rows": len(buffer.rows), "errors": len(buffer.errors)}

@@ -13,7 +13,9 @@ from torch import Tensor
 class CpuDecoder:
     """PIL decode + open_clip preprocess per image; batched tokenization per batch of captions."""
 
-    def __init__(self, preprocess: Callable, tokenizer: Callable, max_image_pixels: int | None = None) -> None:
+    def __init__(
+        self, preprocess: Callable, tokenizer: Callable, max_image_pixels: int | None = None
+    ) -> None:
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.max_image_pixels = max_image_pixels

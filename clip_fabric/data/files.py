@@ -75,7 +75,9 @@ class FileListSource:
                     sample.image, sample.error = read_url(location)
                 else:
                     path = Path(location)
-                    sample.image, sample.error = read_local(path if path.is_absolute() else self.path.parent / path)
+                    sample.image, sample.error = read_local(
+                        path if path.is_absolute() else self.path.parent / path
+                    )
             yield sample
 
 
@@ -93,12 +95,18 @@ def _read_table(path: Path, line_column: str) -> dict[str, list]:
     if suffix == ".txt":
         lines = path.read_text(encoding="utf-8").splitlines()
         return {line_column: [line.strip() for line in lines if line.strip()]}
-    raise ValueError(f"--data.source {path}: unsupported list format {suffix!r}; use .csv, .tsv, .parquet or .txt")
+    raise ValueError(
+        f"--data.source {path}: unsupported list format {suffix!r}; use .csv, .tsv, .parquet or .txt"
+    )
 
 
-def _pick(columns: dict[str, list], wanted: str | None, defaults: tuple[str, ...], option: str) -> list | None:
+def _pick(
+    columns: dict[str, list], wanted: str | None, defaults: tuple[str, ...], option: str
+) -> list | None:
     if wanted is not None:
         if wanted not in columns:
-            raise ValueError(f"{option} {wanted!r} is not a column of the list; columns: {', '.join(columns)}")
+            raise ValueError(
+                f"{option} {wanted!r} is not a column of the list; columns: {', '.join(columns)}"
+            )
         return columns[wanted]
     return next((columns[name] for name in defaults if name in columns), None)

@@ -62,7 +62,7 @@ class ShardStream(IterableDataset):
     def _decode(self, raw: RawSample) -> tuple[torch.Tensor | None, str | None]:
         if raw.error is not None:
             return None, raw.error
-        if self.need_text and raw.caption is None:
+        if self.need_text and not (raw.caption and raw.caption.strip()):
             return None, "no caption"
         if not self.need_image:
             return None, None
@@ -71,7 +71,9 @@ class ShardStream(IterableDataset):
         except Exception as err:  # noqa: BLE001 - whatever a broken file raises, the job goes on
             return None, f"undecodable image: {type(err).__name__}: {err}"
 
-    def _batch(self, shard: Shard, rows: list, images: list, captions: list, errors: list, last: bool) -> Batch:
+    def _batch(
+        self, shard: Shard, rows: list, images: list, captions: list, errors: list, last: bool
+    ) -> Batch:
         return {
             "shard": shard.index,
             "rows": rows,

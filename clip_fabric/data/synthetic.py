@@ -24,7 +24,9 @@ def synthetic_jpeg(index: int, size: tuple[int, int]) -> bytes:
 
 
 class SyntheticSource:
-    def __init__(self, num_samples: int, shard_size: int, image_size: tuple[int, int], text_only: bool = False):
+    def __init__(
+        self, num_samples: int, shard_size: int, image_size: tuple[int, int], text_only: bool = False
+    ):
         self.num_samples = num_samples
         self.shard_size = shard_size
         self.image_size = tuple(image_size)

@@ -47,18 +47,33 @@ class WebDatasetSource:
         return [Shard(i, url) for i, url in enumerate(self.urls)]
 
     def samples(self, shard: Shard) -> Iterator[RawSample]:
-        count = 0
+        # Grouping files into samples is done here rather than by webdataset's group_by_keys so that a
+        # read error still hands over the sample gathered before it.
+        count, current = 0, None
         try:
             streams = tariterators.url_opener([{"url": shard.name}])
-            files = tariterators.tar_file_expander(streams)
-            for sample in tariterators.group_by_keys(files):
-                count += 1
-                yield self._raw(sample)
+            for file in tariterators.tar_file_expander(streams):
+                key, ext = tariterators.base_plus_ext(file.get("fname", ""))
+                if key is None:
+                    continue
+                if current is not None and current["__key__"] != key:
+                    count += 1
+                    yield self._raw(current)
+                    current = None
+                current = current or {"__key__": key}
+                current[ext.lower()] = file["data"]
+            _check_tar_size(shard.name)
         except Exception as err:  # noqa: BLE001 - a broken tar keeps the samples read before the break
+            if current is not None:
+                count += 1
+                yield self._raw(current)
+                current = None
             yield RawSample(
                 f"{Path(shard.name).name}#{count}",
                 error=f"tar shard unreadable after {count} samples: {type(err).__name__}: {err}",
             )
+        if current is not None:
+            yield self._raw(current)
 
     def _raw(self, sample: dict) -> RawSample:
         caption = next((sample[f] for f in CAPTION_FIELDS if f in sample), None)
@@ -75,3 +90,11 @@ class WebDatasetSource:
         else:
             raw.image = sample[ext]
         return raw
+
+
+def _check_tar_size(url: str) -> None:
+    """Tar files are whole 512-byte blocks: anything else was cut, maybe inside a header that tarfile
+    reads as a clean end of archive."""
+    path = Path(url)
+    if "://" not in url and not url.startswith("pipe:") and path.stat().st_size % 512:
+        raise OSError(f"{path.stat().st_size} bytes is not a whole number of 512-byte tar blocks")

@@ -1,0 +1,76 @@
+"""Data parallel runs in real processes (gloo on CPU): every readable sample exactly once, the same rows
+as one process, whatever the world size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import read_output, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def predict_cli(out, config, checkpoint, devices, *args):
+    result = run_cli(
+        "predict",
+        "--accelerator",
+        "cpu",
+        "--devices",
+        str(devices),
+        "--model.config",
+        str(config),
+        "--model.pretrained",
+        str(checkpoint),
+        "--output.dir",
+        str(out),
+        "--output.dtype",
+        "float32",
+        "--data.num_workers",
+        "1",
+        *args,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_two_ranks_write_the_same_rows_as_one(tmp_path, tiny_config, tiny_checkpoint, image_folder):
+    data = [
+        "--data.format",
+        "folder",
+        "--data.source",
+        str(image_folder),
+        "--data.shard_size",
+        "2",
+        "--data.batch_size",
+        "3",
+        "--mode",
+        "both",
+    ]
+    predict_cli(tmp_path / "one", tiny_config, tiny_checkpoint, 1, *data)
+    result = predict_cli(tmp_path / "two", tiny_config, tiny_checkpoint, 2, *data)
+
+    assert "11 rows, 0 skipped samples" in result.stdout and "on 2 rank(s)" in result.stdout
+    for tower in ("img_emb", "text_emb"):
+        one, one_keys = read_output(tmp_path / "one", tower)
+        two, two_keys = read_output(tmp_path / "two", tower)
+        assert one_keys == two_keys and len(set(two_keys)) == 11
+        np.testing.assert_allclose(one, two, atol=1e-6)
+
+
+def test_more_ranks_than_shards(tmp_path, tiny_config, tiny_checkpoint, wds_shards):
+    data = [
+        "--data.format",
+        "webdataset",
+        "--data.source",
+        str(tmp_path / "shard-{000000..000002}.tar"),
+        "--data.batch_size",
+        "2",
+    ]
+    predict_cli(tmp_path / "one", tiny_config, tiny_checkpoint, 1, *data)
+    result = predict_cli(tmp_path / "four", tiny_config, tiny_checkpoint, 4, *data)
+
+    assert "12 rows" in result.stdout and "on 4 rank(s)" in result.stdout
+    one, one_keys = read_output(tmp_path / "one")
+    four, four_keys = read_output(tmp_path / "four")
+    assert one_keys == four_keys == [f"s{i:05d}" for i in range(12)]
+    np.testing.assert_allclose(one, four, atol=1e-6)
