@@ -69,6 +69,9 @@ class DataArgs:
     """Number of samples for ``synthetic``."""
     image_size: tuple[int, int] = (500, 375)
     """Width and height of ``synthetic`` images before preprocessing."""
+    max_image_pixels: int | None = 89_478_485
+    """Images with more pixels are skipped as possible decompression bombs (PIL's default limit);
+    null lifts the limit."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -77,6 +80,8 @@ class DataArgs:
             raise ValueError(f"--data.num_workers must be >= 0, got {self.num_workers}")
         if self.shard_size < 1:
             raise ValueError(f"--data.shard_size must be >= 1, got {self.shard_size}")
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            raise ValueError(f"--data.max_image_pixels must be >= 1 or null, got {self.max_image_pixels}")
         if self.num_samples < 0:
             raise ValueError(f"--data.num_samples must be >= 0, got {self.num_samples}")
         if self.format == "synthetic":

@@ -22,7 +22,9 @@ from clip_fabric.config import DataArgs, Mode, ModelArgs, OutputArgs
 from clip_fabric.data import Source, build_source
 from clip_fabric.data.decode import CpuDecoder
 from clip_fabric.data.stream import ShardStream
+from clip_fabric.encode import SplittingEncoder
 from clip_fabric.model import Encoder, check_model, load_model
+from clip_fabric.preemption import StopRequest, ignore_stop_signals, requeue_slurm_job
 from clip_fabric.strategies import build_strategy
 from clip_fabric.writers import DONE_DIR, EMBEDDING_DIRS, ShardWriter, done_shards
 
@@ -40,6 +42,7 @@ def setup(
     num_nodes: int = 1,
     strategy: str = "auto",
     precision: str = "32-true",
+    timeout_s: int = 1800,
 ) -> dict:
     """Embed images and/or captions with an open_clip model, on one device or many.
 
@@ -53,6 +56,8 @@ def setup(
         num_nodes: Number of nodes.
         strategy: ``auto`` (one device, else data parallel) or ``ddp``.
         precision: Fabric precision, e.g. ``32-true``, ``16-mixed``, ``bf16-mixed``.
+        timeout_s: Seconds a rank waits for the others in a collective before failing, so that a dead
+            rank stops the job instead of hanging it; a rerun resumes.
 
     Returns:
         The run summary (also written to ``<output.dir>/summary.json``).
@@ -78,7 +83,7 @@ def setup(
         accelerator=accelerator,
         devices=devices,
         num_nodes=num_nodes,
-        strategy=build_strategy(strategy, devices, num_nodes),
+        strategy=build_strategy(strategy, devices, num_nodes, timeout_s),
         precision=precision,
     )
     return fabric.launch(main, source, model, data, output, mode, run)
@@ -99,14 +104,14 @@ def main(
     fabric.barrier()
 
     model, preprocess, tokenizer = load_model(model_args)
-    encoder = fabric.setup_module(Encoder(model))
+    encoder = SplittingEncoder(fabric.setup_module(Encoder(model)), data.batch_size)
     shards = source.shards()
     done = done_shards(out_dir)
     mine = [s for s in shards[fabric.global_rank :: fabric.world_size] if s.index not in done]
     stream = ShardStream(
         source,
         mine,
-        CpuDecoder(preprocess, tokenizer),
+        CpuDecoder(preprocess, tokenizer, data.max_image_pixels),
         data.batch_size,
         need_image=mode != "text",
         need_text=mode != "image",
@@ -116,20 +121,20 @@ def main(
         batch_size=None,
         num_workers=min(data.num_workers, len(mine)),
         pin_memory=fabric.device.type == "cuda",
+        worker_init_fn=ignore_stop_signals,
     )
     writer = ShardWriter(out_dir, len(shards), output.dtype)
     names = {s.index: s.name for s in mine}
     rows = errors = 0
     start = time.perf_counter()
     progress = tqdm(desc=f"embedding {len(mine)} shards", unit=" samples", disable=fabric.global_rank != 0)
-    with torch.inference_mode():
+    with torch.inference_mode(), StopRequest() as stop:
         for batch in loader:
-            embeddings = {}
-            if batch["rows"]:
-                images, texts = (
-                    fabric.to_device(batch[k]) if batch[k] is not None else None for k in ("images", "texts")
-                )
-                embeddings = {tower: e.cpu().numpy() for tower, e in encoder(images, texts).items()}
+            if stop and batch["shard"] not in writer.open_shards:
+                if not writer.open_shards:
+                    break
+                continue  # a shard not begun before the signal is left whole for the rerun
+            embeddings = _encode(fabric, encoder, batch) if batch["rows"] else {}
             writer.add(
                 batch["shard"],
                 names[batch["shard"]],
@@ -150,12 +155,21 @@ def main(
     summary = _summarize(out_dir, run, len(shards), rows, int(counts[1]), seconds, fabric.world_size)
     if fabric.global_rank == 0:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        if stop and summary["shards_done"] < summary["shards_total"] and not requeue_slurm_job():
+            fabric.print("clip_fabric: stopped on a signal; rerun the same command to resume")
     fabric.print(
         f"clip_fabric: {summary['rows']} rows, {summary['errors']} skipped samples (errors/), "
         f"{summary['shards_done']}/{summary['shards_total']} shards in {out_dir}; this run {rows} rows "
         f"at {summary['this_run']['samples_per_s'] or 0:.1f} samples/s on {fabric.world_size} rank(s)"
     )
     return summary
+
+
+def _encode(fabric: Fabric, encoder: SplittingEncoder, batch: dict) -> dict:
+    images, texts = (
+        fabric.to_device(batch[k]) if batch[k] is not None else None for k in ("images", "texts")
+    )
+    return {tower: e.cpu().numpy() for tower, e in encoder(images, texts).items()}
 
 
 def _fingerprint(model: ModelArgs, data: DataArgs, output: OutputArgs, mode: str, precision: str) -> dict:

@@ -72,6 +72,11 @@ class ShardWriter:
             self._writes.append(self._pool.submit(self._write, shard, source, self._open.pop(shard)))
             self._raise_failed()
 
+    @property
+    def open_shards(self) -> set[int]:
+        """Shards that have received batches but not yet their last one."""
+        return set(self._open)
+
     def close(self) -> None:
         """Wait for the pending writes; re-raise the first that failed."""
         self._pool.shutdown(wait=True)

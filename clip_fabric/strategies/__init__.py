@@ -3,6 +3,8 @@ which one it runs under."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from lightning.fabric.strategies import Strategy
 
 from clip_fabric.strategies.ddp import InferenceDDPStrategy
@@ -10,11 +12,15 @@ from clip_fabric.strategies.ddp import InferenceDDPStrategy
 STRATEGIES: dict[str, type[Strategy]] = {"ddp": InferenceDDPStrategy}
 
 
-def build_strategy(name: str, devices: int | str, num_nodes: int) -> Strategy | str:
-    """The strategy for ``name``; ``auto`` is data parallel over several devices, else one device."""
+def build_strategy(name: str, devices: int | str, num_nodes: int, timeout_s: int = 1800) -> Strategy | str:
+    """The strategy for ``name``; ``auto`` is data parallel over several devices, else one device.
+
+    ``timeout_s`` bounds every collective, so a rank that died fails the others instead of hanging them.
+    """
     if name == "auto":
-        single = str(devices) == "1" and num_nodes == 1
-        return "auto" if single else InferenceDDPStrategy()
+        if str(devices) == "1" and num_nodes == 1:
+            return "auto"
+        name = "ddp"
     if name not in STRATEGIES:
         raise ValueError(f"unknown --strategy {name!r}; choose one of: auto, {', '.join(STRATEGIES)}")
-    return STRATEGIES[name]()
+    return STRATEGIES[name](timeout=timedelta(seconds=timeout_s))

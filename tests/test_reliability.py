@@ -1,0 +1,202 @@
+"""Nothing lost, nothing twice: bad inputs, out-of-memory batches, a killed run resumed."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import REPO, jpeg_bytes, read_output
+from PIL import Image
+from test_predict import predict, reference
+
+from clip_fabric.config import DataArgs
+from clip_fabric.encode import SplittingEncoder
+from clip_fabric.model import Encoder
+from clip_fabric.strategies import build_strategy
+
+
+def encoded(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def bad_input_folder(tmp_path):
+    """Odd but valid images (embedded as open_clip's PIL path embeds them) beside broken files."""
+    rng = np.random.default_rng(7)
+    rgb = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees
+    good = {
+        "a_cmyk.jpg": encoded(rgb.convert("CMYK"), "JPEG"),
+        "b_16bit.png": encoded(Image.fromarray(rng.integers(0, 65535, (40, 30)).astype(np.uint16)), "PNG"),
+        "c_alpha.png": encoded(rgb.convert("RGBA"), "PNG"),
+        "d_palette.png": encoded(rgb.convert("P"), "PNG"),
+        "e_gray.jpg": encoded(rgb.convert("L"), "JPEG"),
+        "f_exif_rotated.jpg": encoded(rgb, "JPEG", exif=exif),
+        "g_plain.jpg": jpeg_bytes(3, (50, 40)),
+    }
+    whole = jpeg_bytes(4, (64, 64))
+    bad = {
+        "h_truncated.jpg": whole[: len(whole) // 2],
+        "i_zero_bytes.jpg": b"",
+        "j_not_an_image.jpg": b"<html>404 not found</html>",
+        "k_huge.png": encoded(Image.new("RGB", (2000, 1500)), "PNG"),
+    }
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for name, data in {**good, **bad}.items():
+        (root / name).write_bytes(data)
+    return root, sorted(good)
+
+
+def test_bad_inputs_are_recorded_and_good_ones_embedded(
+    tmp_path, tiny_config, tiny_checkpoint, bad_input_folder
+):
+    root, good = bad_input_folder
+    data = DataArgs(
+        format="folder", source=str(root), batch_size=3, max_image_pixels=1_000_000, num_workers=0
+    )
+    out, summary = predict(tmp_path, tiny_config, data, pretrained=tiny_checkpoint, dtype="float32")
+
+    emb, keys = read_output(out)
+    assert keys == good and summary["rows"] == 7 and summary["errors"] == 4
+    ref = reference(tiny_config, tiny_checkpoint, [Image.open(root / k) for k in keys])
+    assert np.all(1 - (emb.astype(np.float64) * ref).sum(-1) < 1e-5)
+    errors = pd.read_parquet(out / "errors" / "errors_0.parquet").set_index("key")["reason"]
+    assert "truncated" in errors["h_truncated.jpg"]
+    assert errors["i_zero_bytes.jpg"] == "empty file"
+    assert "cannot identify image file" in errors["j_not_an_image.jpg"]
+    assert "DecompressionBomb" in errors["k_huge.png"]
+
+
+def test_split_and_retry_on_out_of_memory():
+    calls = []
+
+    def encode(images, texts):
+        calls.append(len(images))
+        if len(images) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"image": images * 2}
+
+    encoder = SplittingEncoder(encode, max_batch=10)
+    images = torch.arange(10.0).unsqueeze(1)
+    torch.testing.assert_close(encoder(images, None)["image"], images * 2)
+    assert encoder.max_batch == 2 and calls == [10, 5, 2, 2, 2, 2, 2]
+    torch.testing.assert_close(encoder(images[:5], None)["image"], images[:5] * 2)  # no retry needed now
+    assert calls[-3:] == [2, 2, 1]
+
+
+def test_other_errors_and_oom_on_one_row_propagate():
+    def broken(images, texts):
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        SplittingEncoder(broken, 4)(torch.zeros(4, 1), None)
+
+    def always_oom(images, texts):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        SplittingEncoder(always_oom, 4)(torch.zeros(4, 1), None)
+
+
+def test_predict_survives_injected_oom(tmp_path, tiny_config, tiny_checkpoint, image_folder, monkeypatch):
+    data = DataArgs(format="folder", source=str(image_folder), batch_size=5, num_workers=0)
+    clean, _ = predict(tmp_path / "clean", tiny_config, data, pretrained=tiny_checkpoint, dtype="float32")
+    forward = Encoder.forward
+
+    def small_memory(self, images=None, texts=None):
+        if images is not None and len(images) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return forward(self, images, texts)
+
+    monkeypatch.setattr(Encoder, "forward", small_memory)
+    out, summary = predict(tmp_path / "oom", tiny_config, data, pretrained=tiny_checkpoint, dtype="float32")
+    assert summary["rows"] == 11 and summary["errors"] == 0
+    (a, a_keys), (b, b_keys) = read_output(clean), read_output(out)
+    assert a_keys == b_keys
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_collectives_have_the_configured_timeout():
+    assert build_strategy("ddp", 2, 1, timeout_s=42)._timeout == timedelta(seconds=42)
+    assert build_strategy("auto", 1, 2)._timeout == timedelta(seconds=1800)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_exactly_once(tmp_path, tiny_config):
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "clip_fabric", "predict", "--accelerator", "cpu", "--devices", "2",
+        "--model.config", str(tiny_config), "--data.format", "synthetic", "--data.num_samples", "480",
+        "--data.shard_size", "8", "--data.batch_size", "4", "--data.num_workers", "1",
+        "--output.dir", str(out),
+    ]  # fmt: skip
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 180
+    while (
+        len(list((out / "_done").glob("*.json"))) < 4 and time.monotonic() < deadline and proc.poll() is None
+    ):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job: launcher, both ranks, their data workers
+    proc.wait()
+    done_at_kill = len(list((out / "_done").glob("*.json")))
+    assert 4 <= done_at_kill < 60, "the run must be killed part-way for this test to mean anything"
+
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    emb, keys = read_output(out)
+    assert keys == [f"{i:09d}" for i in range(480)]  # every sample, once, in order
+    assert emb.shape == (480, 32) and len(list((out / "_done").glob("*.json"))) == 60
+    assert f"this run {480 - 8 * done_at_kill} rows" in rerun.stdout
+
+
+@pytest.mark.slow
+def test_preemption_signal_stops_cleanly_requeues_and_resumes(tmp_path, tiny_config):
+    out = tmp_path / "out"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"  # stands in for SLURM's, recording what it was asked
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    scontrol.chmod(0o755)
+    cmd = [
+        sys.executable, "-m", "clip_fabric", "predict", "--accelerator", "cpu", "--devices", "2",
+        "--model.config", str(tiny_config), "--data.format", "synthetic", "--data.num_samples", "480",
+        "--data.shard_size", "8", "--data.batch_size", "4", "--data.num_workers", "2",
+        "--output.dir", str(out),
+    ]  # fmt: skip
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SLURM_JOB_ID": "4242",
+                        "PATH": f"{bin_dir}:{os.environ['PATH']}"}  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while (
+        len(list((out / "_done").glob("*.json"))) < 4 and time.monotonic() < deadline and proc.poll() is None
+    ):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGUSR1)  # SLURM signals every process of the job step
+    stdout, _ = proc.communicate(timeout=120)
+
+    assert proc.returncode == 0
+    done = sorted(int(p.stem) for p in (out / "_done").glob("*.json"))
+    assert 4 <= len(done) < 60
+    written = sorted(int(p.stem.split("_")[-1]) for p in (out / "img_emb").glob("img_emb_*.npy"))
+    assert written == done and not list(out.rglob(".*.tmp"))  # no half-written shard left behind
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+
+    del env["SLURM_JOB_ID"]
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert read_output(out)[1] == [f"{i:09d}" for i in range(480)]
