@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -197,6 +198,49 @@ def test_preemption_signal_stops_cleanly_requeues_and_resumes(tmp_path, tiny_con
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
 
     del env["SLURM_JOB_ID"]
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert read_output(out)[1] == [f"{i:09d}" for i in range(480)]
+
+
+def _rank_pid(launcher_pid: int, rank: int) -> int | None:
+    """The pid of the rank process Fabric's launcher started (its environment says LOCAL_RANK)."""
+    children = open(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read().split()
+    for pid in children:
+        try:
+            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if f"LOCAL_RANK={rank}".encode() in environ:
+            return int(pid)
+    return None
+
+
+@pytest.mark.slow
+def test_a_dead_rank_does_not_hang_the_others(tmp_path, tiny_config):
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "clip_fabric", "predict", "--accelerator", "cpu", "--devices", "2",
+        "--model.config", str(tiny_config), "--data.format", "synthetic", "--data.num_samples", "480",
+        "--data.shard_size", "8", "--data.batch_size", "4", "--data.num_workers", "1",
+        "--output.dir", str(out), "--timeout_s", "60",
+    ]  # fmt: skip
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 180
+    while (
+        len(list((out / "_done").glob("*.json"))) < 4 and time.monotonic() < deadline and proc.poll() is None
+    ):
+        time.sleep(0.05)
+    os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+    try:
+        proc.wait(timeout=90)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # leave nothing behind whatever happened
+    assert proc.returncode != 0 and len(list((out / "_done").glob("*.json"))) < 60
+
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert read_output(out)[1] == [f"{i:09d}" for i in range(480)]
