@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Literal
 
 DataFormat = Literal["folder", "files", "webdataset", "synthetic"]
-Mode = Literal["image", "text", "both"]
+Mode = Literal["image", "text", "both", "pair"]
+
+# What each mode writes: embeddings of a tower (``image``, ``text``) and/or the image-caption cosine
+# similarity of each pair (``similarity``, a metadata column).
+MODE_OUTPUTS: dict[str, frozenset[str]] = {
+    "image": frozenset({"image"}),
+    "text": frozenset({"text"}),
+    "both": frozenset({"image", "text", "similarity"}),
+    "pair": frozenset({"similarity"}),
+}
 
 
 @dataclass

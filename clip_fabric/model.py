@@ -73,15 +73,17 @@ def load_model(args: ModelArgs) -> tuple[nn.Module, Callable, Callable]:
 
 
 class Encoder(nn.Module):
-    """Runs the towers the inputs ask for and returns float32, L2-normalised embeddings.
+    """Runs the towers the inputs ask for and returns the ``outputs`` asked for: float32, L2-normalised
+    ``image``/``text`` embeddings and the ``similarity`` (cosine) of each image-caption pair.
 
     Normalising in float32 here means every precision writes unit vectors, and the cosine of two
     runs is a plain dot product.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, outputs: frozenset[str] = frozenset({"image", "text"})) -> None:
         super().__init__()
         self.model = model
+        self.outputs = outputs
 
     def forward(self, images: Tensor | None = None, texts: Tensor | None = None) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
@@ -89,7 +91,9 @@ class Encoder(nn.Module):
             out["image"] = F.normalize(self.model.encode_image(images).float(), dim=-1)
         if texts is not None:
             out["text"] = F.normalize(self.model.encode_text(texts).float(), dim=-1)
-        return out
+        if "similarity" in self.outputs:
+            out["similarity"] = (out["image"] * out["text"]).sum(-1)
+        return {name: value for name, value in out.items() if name in self.outputs}
 
 
 def _weights_cached(cfg: dict, cache_dir: str | None) -> bool:

@@ -18,7 +18,7 @@ from lightning.fabric import Fabric
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from clip_fabric.config import DataArgs, Mode, ModelArgs, OutputArgs
+from clip_fabric.config import MODE_OUTPUTS, DataArgs, Mode, ModelArgs, OutputArgs
 from clip_fabric.data import Source, build_source
 from clip_fabric.data.decode import CpuDecoder
 from clip_fabric.data.stream import ShardStream
@@ -43,6 +43,7 @@ def setup(
     strategy: str = "auto",
     precision: str = "32-true",
     timeout_s: int = 1800,
+    threshold: float | None = None,
 ) -> dict:
     """Embed images and/or captions with an open_clip model, on one device or many.
 
@@ -50,22 +51,30 @@ def setup(
         model: The open_clip model and its weights.
         data: The input samples.
         output: Where the embeddings go.
-        mode: Which towers run: ``image``, ``text`` or ``both`` (image-caption pairs).
+        mode: What is computed: ``image`` or ``text`` embeddings; ``both`` (image-caption pairs:
+            both embeddings and their cosine similarity); ``pair`` (only the similarity of each pair,
+            in the metadata, for filtering datasets).
         accelerator: Fabric accelerator: ``cpu``, ``cuda``, ``gpu`` or ``auto``.
         devices: Devices per node (a count, or ``auto``).
         num_nodes: Number of nodes.
         strategy: ``auto`` (one device, else data parallel) or ``ddp``.
         precision: Fabric precision, e.g. ``32-true``, ``16-mixed``, ``bf16-mixed``.
+        threshold: ``pair`` and ``both`` modes: drop pairs whose similarity is below this (counted
+            as ``filtered`` in the summary, not as errors).
         timeout_s: Seconds a rank waits for the others in a collective before failing, so that a dead
             rank stops the job instead of hanging it; a rerun resumes.
 
     Returns:
         The run summary (also written to ``<output.dir>/summary.json``).
     """
+    if threshold is not None and "similarity" not in MODE_OUTPUTS[mode]:
+        raise ValueError(
+            f"--threshold filters image-caption pairs: use it with --mode pair or both, not {mode}"
+        )
     check_model(model)
     source = build_source(data, text_only=mode == "text")
     run = {
-        "fingerprint": _fingerprint(model, data, output, mode, precision),
+        "fingerprint": _fingerprint(model, data, output, mode, precision) | {"threshold": threshold},
         "config": {
             "model": asdict(model),
             "data": asdict(data),
@@ -76,6 +85,7 @@ def setup(
             "num_nodes": num_nodes,
             "strategy": strategy,
             "precision": precision,
+            "threshold": threshold,
         },
     }
     _check_output_dir(Path(output.dir), run["fingerprint"], output.overwrite)
@@ -86,7 +96,7 @@ def setup(
         strategy=build_strategy(strategy, devices, num_nodes, timeout_s),
         precision=precision,
     )
-    return fabric.launch(main, source, model, data, output, mode, run)
+    return fabric.launch(main, source, model, data, output, mode, threshold, run)
 
 
 def main(
@@ -96,6 +106,7 @@ def main(
     data: DataArgs,
     output: OutputArgs,
     mode: Mode,
+    threshold: float | None,
     run: dict,
 ) -> dict:
     out_dir = Path(output.dir)
@@ -104,7 +115,7 @@ def main(
     fabric.barrier()
 
     model, preprocess, tokenizer = load_model(model_args)
-    encoder = SplittingEncoder(fabric.setup_module(Encoder(model)), data.batch_size)
+    encoder = SplittingEncoder(fabric.setup_module(Encoder(model, MODE_OUTPUTS[mode])), data.batch_size)
     shards = source.shards()
     done = done_shards(out_dir)
     mine = [s for s in shards[fabric.global_rank :: fabric.world_size] if s.index not in done]
@@ -123,7 +134,7 @@ def main(
         pin_memory=fabric.device.type == "cuda",
         worker_init_fn=ignore_stop_signals,
     )
-    writer = ShardWriter(out_dir, len(shards), output.dtype)
+    writer = ShardWriter(out_dir, len(shards), output.dtype, threshold)
     names = {s.index: s.name for s in mine}
     rows = errors = 0
     start = time.perf_counter()
@@ -134,14 +145,9 @@ def main(
                 if not writer.open_shards:
                     break
                 continue  # a shard not begun before the signal is left whole for the rerun
-            embeddings = _encode(fabric, encoder, batch) if batch["rows"] else {}
+            outputs = _encode(fabric, encoder, batch) if batch["rows"] else {}
             writer.add(
-                batch["shard"],
-                names[batch["shard"]],
-                batch["rows"],
-                batch["errors"],
-                embeddings,
-                batch["last"],
+                batch["shard"], names[batch["shard"]], batch["rows"], batch["errors"], outputs, batch["last"]
             )
             rows += len(batch["rows"])
             errors += len(batch["errors"])
@@ -159,7 +165,8 @@ def main(
             fabric.print("clip_fabric: stopped on a signal; rerun the same command to resume")
     fabric.print(
         f"clip_fabric: {summary['rows']} rows, {summary['errors']} skipped samples (errors/), "
-        f"{summary['shards_done']}/{summary['shards_total']} shards in {out_dir}; this run {rows} rows "
+        + (f"{summary['filtered']} pairs under --threshold, " if summary["filtered"] else "")
+        + f"{summary['shards_done']}/{summary['shards_total']} shards in {out_dir}; this run {rows} rows "
         f"at {summary['this_run']['samples_per_s'] or 0:.1f} samples/s on {fabric.world_size} rank(s)"
     )
     return summary
@@ -211,6 +218,7 @@ def _summarize(
     summary = {
         "rows": sum(r["rows"] for r in done.values()),
         "errors": sum(r["errors"] for r in done.values()),
+        "filtered": sum(r.get("filtered", 0) for r in done.values()),
         "shards_done": len(done),
         "shards_total": num_shards,
         "this_run": {

@@ -30,6 +30,7 @@ DONE_DIR = "_done"
 class _ShardRows:
     rows: list[dict] = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)
+    filtered: int = 0
     embeddings: dict[str, list[np.ndarray]] = field(default_factory=lambda: defaultdict(list))
 
 
@@ -49,24 +50,39 @@ def done_shards(out_dir: str | os.PathLike) -> dict[int, dict]:
 class ShardWriter:
     """Collects a shard's batches and writes the shard when its last batch arrives."""
 
-    def __init__(self, out_dir: str | os.PathLike, num_shards: int, dtype: str = "float16") -> None:
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        num_shards: int,
+        dtype: str = "float16",
+        threshold: float | None = None,
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.num_shards = num_shards
         self.dtype = np.dtype(dtype)
+        self.threshold = threshold
         for sub in (*EMBEDDING_DIRS.values(), "metadata", "errors", DONE_DIR):
             (self.out_dir / sub).mkdir(parents=True, exist_ok=True)
         self._open: dict[int, _ShardRows] = defaultdict(_ShardRows)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self._writes: list[Future] = []
 
-    def add(
-        self, shard: int, source: str, rows: list[dict], errors: list[dict], embeddings: dict, last: bool
-    ):
-        """Add one batch's rows, errors and ``{"image"|"text": array}`` embeddings to its shard."""
+    def add(self, shard: int, source: str, rows: list[dict], errors: list[dict], outputs: dict, last: bool):
+        """Add one batch to its shard: its rows, errors and encoder outputs (``image``/``text`` embedding
+        arrays; ``similarity`` per pair, written as a metadata column and filtered by ``threshold``)."""
         buffer = self._open[shard]
+        keep = None
+        if "similarity" in outputs:
+            scores = outputs["similarity"]
+            rows = [row | {"similarity": float(score)} for row, score in zip(rows, scores, strict=True)]
+            if self.threshold is not None:
+                keep = scores >= self.threshold
+                buffer.filtered += int((~keep).sum())
+                rows = [row for row, kept in zip(rows, keep, strict=True) if kept]
         buffer.rows.extend(rows)
         buffer.errors.extend(errors)
-        for tower, array in embeddings.items():
+        for tower in EMBEDDING_DIRS.keys() & outputs.keys():
+            array = outputs[tower] if keep is None else outputs[tower][keep]
             buffer.embeddings[tower].append(array.astype(self.dtype, copy=False))
         if last:
             self._writes.append(self._pool.submit(self._write, shard, source, self._open.pop(shard)))
@@ -98,7 +114,13 @@ class ShardWriter:
             )
         self._replace(self.out_dir / "metadata" / f"metadata_{name}.parquet", _table(buffer.rows))
         self._replace(self.out_dir / "errors" / f"errors_{name}.parquet", _table(buffer.errors))
-        record = {"shard": shard, "source": source, "rows": len(buffer.rows), "errors": len(buffer.errors)}
+        record = {
+            "shard": shard,
+            "source": source,
+            "rows": len(buffer.rows),
+            "errors": len(buffer.errors),
+            "filtered": buffer.filtered,
+        }
         self._replace(self.out_dir / DONE_DIR / f"{name}.json", record)
 
     @staticmethod
@@ -121,8 +143,14 @@ class ShardWriter:
 
 
 def _table(rows: list[dict]) -> pa.Table | None:
-    """Rows as a table of strings (one schema for every shard, missing captions as nulls); no rows gives
-    no file, since zero-row files trip readers such as embedding-reader."""
+    """Rows as a table; text columns are strings even when all null (one schema for every shard). No rows
+    gives no file, since zero-row files trip readers such as embedding-reader."""
     if not rows:
         return None
-    return pa.table({name: pa.array([row.get(name) for row in rows], pa.string()) for name in rows[0]})
+    columns = {name: [row.get(name) for row in rows] for name in rows[0]}
+    return pa.table(
+        {
+            name: pa.array(values, pa.float32() if isinstance(values[0], float) else pa.string())
+            for name, values in columns.items()
+        }
+    )

@@ -182,3 +182,36 @@ def test_rerun_skips_done_shards_and_refuses_changed_config(tmp_path, tiny_confi
     _, third = predict(tmp_path, tiny_config, data, overwrite=True)
     assert third["this_run"]["rows"] == 11
     assert json.loads((out / "summary.json").read_text())["rows"] == 11
+
+
+def test_pair_mode_scores_and_threshold(tmp_path, tiny_config, tiny_checkpoint, wds_shards):
+    source = str(tmp_path / "shard-{000000..000002}.tar")
+    data = DataArgs(format="webdataset", source=source, batch_size=5, num_workers=0)
+    both, _ = predict(
+        tmp_path / "both", tiny_config, data, mode="both", pretrained=tiny_checkpoint, dtype="float32"
+    )
+    img, keys = read_output(both, "img_emb")
+    txt, _ = read_output(both, "text_emb")
+    similarity = (img.astype(np.float64) * txt).sum(-1)
+    meta = pd.concat(pd.read_parquet(p) for p in sorted((both / "metadata").glob("*.parquet")))
+    np.testing.assert_allclose(meta["similarity"], similarity, atol=1e-5)
+
+    threshold = float(np.median(similarity))
+    out = tmp_path / "pair" / "out"
+    summary = setup(
+        model=ModelArgs(config=str(tiny_config), pretrained=str(tiny_checkpoint)),
+        data=data,
+        output=OutputArgs(dir=str(out)),
+        mode="pair",
+        accelerator="cpu",
+        threshold=threshold,
+    )
+    kept = pd.concat(pd.read_parquet(p) for p in sorted((out / "metadata").glob("*.parquet")))
+    expected = [k for k, s in zip(keys, similarity, strict=True) if s >= threshold]
+    assert list(kept["key"]) == expected and 0 < len(expected) < 12
+    assert summary["rows"] == len(expected) and summary["filtered"] == 12 - len(expected)
+    assert summary["errors"] == 0 and not list((out / "img_emb").glob("*.npy"))
+    np.testing.assert_allclose(kept["similarity"], similarity[similarity >= threshold], atol=1e-5)
+    with pytest.raises(ValueError, match="use it with --mode pair or both"):
+        setup(model=ModelArgs(config=str(tiny_config)), data=data, output=OutputArgs(dir=str(tmp_path / "x")),
+              mode="image", accelerator="cpu", threshold=0.2)  # fmt: skip
