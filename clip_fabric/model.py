@@ -92,7 +92,8 @@ class Encoder(nn.Module):
         if texts is not None:
             out["text"] = F.normalize(self.model.encode_text(texts).float(), dim=-1)
         if "similarity" in self.outputs:
-            out["similarity"] = (out["image"] * out["text"]).sum(-1)
+            # Where the towers sit on two devices, they meet on the text tower's.
+            out["similarity"] = (out["image"].to(out["text"].device) * out["text"]).sum(-1)
         return {name: value for name, value in out.items() if name in self.outputs}
 
 

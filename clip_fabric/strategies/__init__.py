@@ -8,8 +8,9 @@ from datetime import timedelta
 from lightning.fabric.strategies import Strategy
 
 from clip_fabric.strategies.ddp import InferenceDDPStrategy
+from clip_fabric.strategies.towers import TowerParallelStrategy
 
-STRATEGIES: dict[str, type[Strategy]] = {"ddp": InferenceDDPStrategy}
+STRATEGIES: dict[str, type[Strategy]] = {"ddp": InferenceDDPStrategy, "model_parallel": TowerParallelStrategy}
 
 
 def build_strategy(name: str, devices: int | str, num_nodes: int, timeout_s: int = 1800) -> Strategy | str:
@@ -23,4 +24,6 @@ def build_strategy(name: str, devices: int | str, num_nodes: int, timeout_s: int
         name = "ddp"
     if name not in STRATEGIES:
         raise ValueError(f"unknown --strategy {name!r}; choose one of: auto, {', '.join(STRATEGIES)}")
+    if name == "model_parallel":
+        return TowerParallelStrategy()  # one process: no collectives to time out
     return STRATEGIES[name](timeout=timedelta(seconds=timeout_s))

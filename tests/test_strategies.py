@@ -1,0 +1,101 @@
+"""Strategies: where each tower goes (checked on the meta device) and that every strategy writes the
+same rows as one device."""
+
+from __future__ import annotations
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from conftest import read_output
+from lightning.fabric import Fabric
+
+from clip_fabric.config import DataArgs, ModelArgs, OutputArgs
+from clip_fabric.model import Encoder
+from clip_fabric.predict import setup
+from clip_fabric.strategies import build_strategy
+from clip_fabric.strategies.ddp import InferenceDDPStrategy
+from clip_fabric.strategies.towers import TowerParallelStrategy, place_towers
+
+
+@pytest.mark.parametrize("custom_text", [False, True], ids=["CLIP", "CustomTextCLIP"])
+def test_place_towers_splits_vision_from_everything_else(tiny_config, custom_text):
+    open_clip.add_model_config(tiny_config)
+    model = open_clip.create_model("tiny-clip", force_custom_text=custom_text)
+    assert hasattr(model, "text") == custom_text  # both layouts of open_clip are covered
+    place_towers(model, vision_device=torch.device("meta"), text_device=torch.device("cpu"))
+
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    vision = {n for n, t in tensors.items() if t.device.type == "meta"}
+    assert vision == {n for n in tensors if n.startswith("visual.")} and vision
+    assert "logit_scale" in tensors and tensors["logit_scale"].device.type == "cpu"
+
+
+def test_fabric_gives_the_strategy_its_devices():
+    strategy = TowerParallelStrategy()
+    Fabric(accelerator="cpu", devices=2, strategy=strategy)
+    assert strategy.parallel_devices == [torch.device("cpu")] * 2
+    assert strategy.vision_device == strategy.root_device == torch.device("cpu")
+
+
+def test_registry():
+    assert isinstance(build_strategy("ddp", 2, 1), InferenceDDPStrategy)
+    assert isinstance(build_strategy("model_parallel", 2, 1), TowerParallelStrategy)
+    assert build_strategy("auto", 1, 1) == "auto"
+    with pytest.raises(ValueError, match="unknown --strategy 'pipeline'"):
+        build_strategy("pipeline", 1, 1)
+
+
+@pytest.mark.parametrize("mode", ["both", "pair"])
+def test_model_parallel_writes_the_same_rows(tmp_path, tiny_config, tiny_checkpoint, image_folder, mode):
+    results = {}
+    for strategy, devices in (("auto", 1), ("model_parallel", 2)):
+        out = tmp_path / strategy
+        setup(
+            model=ModelArgs(config=str(tiny_config), pretrained=str(tiny_checkpoint)),
+            data=DataArgs(format="folder", source=str(image_folder), shard_size=4, num_workers=0),
+            output=OutputArgs(dir=str(out), dtype="float32"),
+            mode=mode,
+            accelerator="cpu",
+            devices=devices,
+            strategy=strategy,
+        )
+        results[strategy] = [pq_rows(out)] + (
+            [read_output(out, t) for t in ("img_emb", "text_emb")] if mode == "both" else []
+        )
+    single, towers = results["auto"], results["model_parallel"]
+    assert single[0]["key"] == towers[0]["key"] and len(single[0]["key"]) == 11
+    np.testing.assert_allclose(single[0]["similarity"], towers[0]["similarity"], atol=1e-6)
+    for (a, _), (b, _) in zip(single[1:], towers[1:], strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def pq_rows(out) -> dict:
+    import pandas as pd
+
+    meta = pd.concat(pd.read_parquet(p) for p in sorted((out / "metadata").glob("*.parquet")))
+    return {"key": list(meta["key"]), "similarity": meta["similarity"].to_numpy()}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_towers_on_gpu_and_cpu_match_one_device(tiny_config, tiny_checkpoint):
+    """Two real devices in one process: vision on the GPU, text on the CPU, features meeting on the CPU."""
+    open_clip.add_model_config(tiny_config)
+    model, _, _ = open_clip.create_model_and_transforms("tiny-clip", pretrained=str(tiny_checkpoint))
+    images, texts = (
+        torch.randn(6, 3, 32, 32),
+        open_clip.get_tokenizer("tiny-clip")([f"t {i}" for i in range(6)]),
+    )
+    reference = Encoder(model.eval(), frozenset({"image", "text", "similarity"}))(images, texts)
+
+    strategy = TowerParallelStrategy()
+    strategy.parallel_devices = [torch.device("cuda:0"), torch.device("cpu")]
+    encoder = Encoder(model, frozenset({"image", "text", "similarity"}))
+    strategy.module_to_device(encoder)
+    strategy.setup_module(encoder)
+    with torch.inference_mode():
+        out = encoder(images, texts)
+    assert out["image"].device.type == "cuda" and out["similarity"].device.type == "cpu"
+    for name, value in reference.items():
+        torch.testing.assert_close(out[name].cpu(), value.detach(), atol=1e-4, rtol=1e-4)
