@@ -24,6 +24,7 @@ class SplittingEncoder:
 
     def __init__(self, encode: Callable[..., dict[str, Tensor]], max_batch: int) -> None:
         self.encode = encode
+        self.module = encode  # the set-up module, for strategies that need it
         self.max_batch = max_batch
 
     def __call__(self, images: Tensor | None, texts: Tensor | None) -> dict[str, Tensor]:

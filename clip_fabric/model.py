@@ -86,14 +86,22 @@ class Encoder(nn.Module):
         self.outputs = outputs
 
     def forward(self, images: Tensor | None = None, texts: Tensor | None = None) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
-        if images is not None:
-            out["image"] = F.normalize(self.model.encode_image(images).float(), dim=-1)
-        if texts is not None:
-            out["text"] = F.normalize(self.model.encode_text(texts).float(), dim=-1)
+        image = self.image_features(images) if images is not None else None
+        text = self.text_features(texts) if texts is not None else None
+        return self.combine(image, text)
+
+    def image_features(self, images: Tensor) -> Tensor:
+        return F.normalize(self.model.encode_image(images).float(), dim=-1)
+
+    def text_features(self, texts: Tensor) -> Tensor:
+        return F.normalize(self.model.encode_text(texts).float(), dim=-1)
+
+    def combine(self, image: Tensor | None, text: Tensor | None) -> dict[str, Tensor]:
+        """The outputs asked for, from the features of either tower or both."""
+        out = {name: value for name, value in (("image", image), ("text", text)) if value is not None}
         if "similarity" in self.outputs:
             # Where the towers sit on two devices, they meet on the text tower's.
-            out["similarity"] = (out["image"].to(out["text"].device) * out["text"]).sum(-1)
+            out["similarity"] = (image.to(text.device) * text).sum(-1)
         return {name: value for name, value in out.items() if name in self.outputs}
 
 

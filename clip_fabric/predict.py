@@ -25,7 +25,8 @@ from clip_fabric.data.stream import ShardStream
 from clip_fabric.encode import SplittingEncoder
 from clip_fabric.model import Encoder, check_model, load_model
 from clip_fabric.preemption import StopRequest, ignore_stop_signals, requeue_slurm_job
-from clip_fabric.strategies import build_strategy
+from clip_fabric.strategies import build_strategy, data_parallel, partner_session
+from clip_fabric.topology import TowerLayout
 from clip_fabric.writers import DONE_DIR, EMBEDDING_DIRS, ShardWriter, done_shards
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ def setup(
     precision: str = "32-true",
     timeout_s: int = 1800,
     threshold: float | None = None,
+    tower_layout: TowerLayout = "adjacent",
 ) -> dict:
     """Embed images and/or captions with an open_clip model, on one device or many.
 
@@ -61,12 +63,18 @@ def setup(
         precision: Fabric precision, e.g. ``32-true``, ``16-mixed``, ``bf16-mixed``.
         threshold: ``pair`` and ``both`` modes: drop pairs whose similarity is below this (counted
             as ``filtered`` in the summary, not as errors).
+        tower_layout: ``hybrid``: ``adjacent`` pairs ranks (2g, 2g+1), keeping a pair on one node;
+            ``halves`` pairs rank g with g + world/2.
         timeout_s: Seconds a rank waits for the others in a collective before failing, so that a dead
             rank stops the job instead of hanging it; a rerun resumes.
 
     Returns:
         The run summary (also written to ``<output.dir>/summary.json``).
     """
+    if strategy in ("hybrid", "model_parallel") and mode not in ("both", "pair"):
+        raise ValueError(
+            f"--strategy {strategy} splits the two towers: use it with --mode both or pair, not {mode}"
+        )
     if threshold is not None and "similarity" not in MODE_OUTPUTS[mode]:
         raise ValueError(
             f"--threshold filters image-caption pairs: use it with --mode pair or both, not {mode}"
@@ -93,7 +101,7 @@ def setup(
         accelerator=accelerator,
         devices=devices,
         num_nodes=num_nodes,
-        strategy=build_strategy(strategy, devices, num_nodes, timeout_s),
+        strategy=build_strategy(strategy, devices, num_nodes, timeout_s, tower_layout),
         precision=precision,
     )
     return fabric.launch(main, source, model, data, output, mode, threshold, run)
@@ -118,7 +126,8 @@ def main(
     encoder = SplittingEncoder(fabric.setup_module(Encoder(model, MODE_OUTPUTS[mode])), data.batch_size)
     shards = source.shards()
     done = done_shards(out_dir)
-    mine = [s for s in shards[fabric.global_rank :: fabric.world_size] if s.index not in done]
+    split = data_parallel(fabric.strategy, fabric.global_rank, fabric.world_size)
+    mine = [s for s in shards[split[0] :: split[1]] if s.index not in done] if split else []
     stream = ShardStream(
         source,
         mine,
@@ -139,7 +148,7 @@ def main(
     rows = errors = 0
     start = time.perf_counter()
     progress = tqdm(desc=f"embedding {len(mine)} shards", unit=" samples", disable=fabric.global_rank != 0)
-    with torch.inference_mode(), StopRequest() as stop:
+    with torch.inference_mode(), StopRequest() as stop, partner_session(fabric.strategy, encoder.module):
         for batch in loader:
             if stop and batch["shard"] not in writer.open_shards:
                 if not writer.open_shards:

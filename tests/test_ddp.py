@@ -74,3 +74,30 @@ def test_more_ranks_than_shards(tmp_path, tiny_config, tiny_checkpoint, wds_shar
     four, four_keys = read_output(tmp_path / "four")
     assert one_keys == four_keys == [f"s{i:05d}" for i in range(12)]
     np.testing.assert_allclose(one, four, atol=1e-6)
+
+
+@pytest.mark.parametrize(("devices", "layout"), [(2, "adjacent"), (4, "halves")])
+def test_hybrid_pairs_write_the_same_rows(
+    tmp_path, tiny_config, tiny_checkpoint, wds_shards, devices, layout
+):
+    data = ["--data.format", "webdataset", "--data.source", str(tmp_path / "shard-{000000..000002}.tar"),
+            "--data.batch_size", "2", "--mode", "both"]  # fmt: skip
+    predict_cli(tmp_path / "one", tiny_config, tiny_checkpoint, 1, *data)
+    result = predict_cli(tmp_path / "hybrid", tiny_config, tiny_checkpoint, devices, *data,
+                         "--strategy", "hybrid", "--tower_layout", layout)  # fmt: skip
+
+    assert "12 rows" in result.stdout and f"on {devices} rank(s)" in result.stdout
+    for tower in ("img_emb", "text_emb"):
+        one, one_keys = read_output(tmp_path / "one", tower)
+        hybrid, hybrid_keys = read_output(tmp_path / "hybrid", tower)
+        assert one_keys == hybrid_keys == [f"s{i:05d}" for i in range(12)]
+        np.testing.assert_allclose(one, hybrid, atol=1e-6)
+
+
+def test_hybrid_refuses_an_odd_world_before_starting(tmp_path, tiny_config):
+    result = run_cli(
+        "predict", "--accelerator", "cpu", "--devices", "3", "--strategy", "hybrid", "--mode", "both",
+        "--model.config", str(tiny_config), "--output.dir", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert result.returncode != 0 and not (tmp_path / "out").exists()
+    assert result.stderr.strip().splitlines()[-1].startswith("clip_fabric: error: --strategy hybrid pairs")

@@ -3,17 +3,27 @@ which one it runs under."""
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 
 from lightning.fabric.strategies import Strategy
+from torch import nn
 
 from clip_fabric.strategies.ddp import InferenceDDPStrategy
+from clip_fabric.strategies.hybrid import HybridTowerStrategy
 from clip_fabric.strategies.towers import TowerParallelStrategy
+from clip_fabric.topology import TowerPairs
 
-STRATEGIES: dict[str, type[Strategy]] = {"ddp": InferenceDDPStrategy, "model_parallel": TowerParallelStrategy}
+STRATEGIES: dict[str, type[Strategy]] = {
+    "ddp": InferenceDDPStrategy,
+    "model_parallel": TowerParallelStrategy,
+    "hybrid": HybridTowerStrategy,
+}
 
 
-def build_strategy(name: str, devices: int | str, num_nodes: int, timeout_s: int = 1800) -> Strategy | str:
+def build_strategy(
+    name: str, devices: int | str, num_nodes: int, timeout_s: int = 1800, tower_layout: str = "adjacent"
+) -> Strategy | str:
     """The strategy for ``name``; ``auto`` is data parallel over several devices, else one device.
 
     ``timeout_s`` bounds every collective, so a rank that died fails the others instead of hanging them.
@@ -26,4 +36,19 @@ def build_strategy(name: str, devices: int | str, num_nodes: int, timeout_s: int
         raise ValueError(f"unknown --strategy {name!r}; choose one of: auto, {', '.join(STRATEGIES)}")
     if name == "model_parallel":
         return TowerParallelStrategy()  # one process: no collectives to time out
+    if name == "hybrid":
+        if str(devices).isdigit():  # validate the layout before any process starts
+            TowerPairs(int(devices) * num_nodes, tower_layout)
+        return HybridTowerStrategy(tower_layout, timeout=timedelta(seconds=timeout_s))
     return STRATEGIES[name](timeout=timedelta(seconds=timeout_s))
+
+
+def data_parallel(strategy: Strategy | object, rank: int, world_size: int) -> tuple[int, int] | None:
+    """``(index, count)`` of the shard split this rank takes; ``None`` when it takes no shards."""
+    return getattr(strategy, "data_parallel", (rank, world_size))
+
+
+def partner_session(strategy: Strategy | object, module: nn.Module) -> AbstractContextManager:
+    """Where ranks work in pairs, the exchange between partners; otherwise nothing."""
+    session = getattr(strategy, "partner_session", None)
+    return session(module) if session is not None else nullcontext()

@@ -18,9 +18,11 @@ def place_towers(model: nn.Module, vision_device: torch.device, text_device: tor
     Everything but ``visual`` is text: ``CLIP`` keeps its text tower as root attributes (transformer,
     token_embedding, positional_embedding, ln_final, text_projection, the attn_mask buffer), while
     ``CustomTextCLIP`` has a ``text`` module; ``logit_scale`` joins the text side, where the towers meet.
+    Either device may be ``meta``, which drops that tower (hybrid ranks hold one tower each).
     """
-    model.to(text_device)
-    model.visual.to(vision_device)
+    model._apply(lambda t: t.to(text_device), recurse=False)  # root parameters and buffers
+    for name, child in model.named_children():
+        child.to(vision_device if name == "visual" else text_device)
 
 
 def _to_vision_device(module: nn.Module, args: tuple) -> tuple:

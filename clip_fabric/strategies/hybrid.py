@@ -1,0 +1,94 @@
+"""Hybrid parallelism (``--strategy hybrid``): pairs of ranks, one holding the vision tower and one the
+text tower, replicated data parallel. Features cross between partners with point-to-point send/recv.
+
+The vision rank reads, decodes and tokenizes every sample (so both towers see exactly the same rows,
+bad samples included), sends the tokens of each batch to its partner, encodes the images meanwhile,
+receives the text features back and writes the shard. The text rank only serves its partner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from clip_fabric.strategies.ddp import InferenceDDPStrategy
+from clip_fabric.strategies.towers import place_towers
+from clip_fabric.topology import TowerLayout, TowerPairs
+
+_DONE = -1
+
+
+class PairedEncoder(nn.Module):
+    """The vision rank's encoder: image features here, text features from the partner rank."""
+
+    def __init__(self, encoder: nn.Module, partner: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.partner = partner
+
+    def forward(self, images: Tensor | None = None, texts: Tensor | None = None) -> dict[str, Tensor]:
+        header = torch.tensor(texts.shape, dtype=torch.int64, device=texts.device)
+        sends = [dist.isend(header, self.partner), dist.isend(texts.contiguous(), self.partner)]
+        image = self.encoder.image_features(images)  # while the partner encodes the texts
+        text = torch.empty_like(image)
+        dist.recv(text, self.partner)
+        for request in sends:
+            request.wait()
+        return self.encoder.combine(image, text)
+
+
+class HybridTowerStrategy(InferenceDDPStrategy):
+    def __init__(self, layout: TowerLayout = "adjacent", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.layout = layout
+
+    @property
+    def pairs(self) -> TowerPairs:
+        return TowerPairs(self.world_size, self.layout)
+
+    @property
+    def role(self) -> str:
+        return self.pairs.role(self.global_rank)
+
+    @property
+    def data_parallel(self) -> tuple[int, int] | None:
+        """``(index, count)`` of this rank's share of the shards; ``None`` for a text rank (reads none)."""
+        return (self.pairs.pair(self.global_rank), self.pairs.num_pairs) if self.role == "vision" else None
+
+    def module_to_device(self, module: nn.Module) -> None:
+        meta = torch.device("meta")  # the tower this rank does not run is dropped, not kept in memory
+        vision, text = (self.root_device, meta) if self.role == "vision" else (meta, self.root_device)
+        place_towers(module.model, vision, text)
+
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        partner = self.pairs.partner(self.global_rank)
+        return PairedEncoder(module, partner) if self.role == "vision" else module
+
+    @contextmanager
+    def partner_session(self, module: nn.Module) -> Iterator[None]:
+        """Text rank: serve the partner until it is done. Vision rank: tell the partner when done."""
+        partner = self.pairs.partner(self.global_rank)
+        if self.role == "text":
+            self._serve(module, partner)
+            yield
+            return
+        try:
+            yield
+        finally:
+            dist.send(torch.tensor([_DONE, 0], dtype=torch.int64, device=self.root_device), partner)
+
+    def _serve(self, module: nn.Module, partner: int) -> None:
+        header = torch.empty(2, dtype=torch.int64, device=self.root_device)
+        while True:
+            dist.recv(header, partner)
+            rows, length = header.tolist()
+            if rows == _DONE:
+                return
+            tokens = torch.empty(rows, length, dtype=torch.int64, device=self.root_device)
+            dist.recv(tokens, partner)
+            with torch.inference_mode(), self.precision.forward_context():
+                dist.send(module.text_features(tokens).contiguous(), partner)
