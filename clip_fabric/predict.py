@@ -25,7 +25,7 @@ from clip_fabric.data.stream import ShardStream
 from clip_fabric.encode import SplittingEncoder
 from clip_fabric.model import Encoder, check_model, load_model
 from clip_fabric.preemption import StopRequest, ignore_stop_signals, requeue_slurm_job
-from clip_fabric.strategies import build_strategy, data_parallel, partner_session
+from clip_fabric.strategies import build_strategy, data_parallel, partner_session, writes
 from clip_fabric.topology import TowerLayout
 from clip_fabric.writers import DONE_DIR, EMBEDDING_DIRS, ShardWriter, done_shards
 
@@ -46,6 +46,7 @@ def setup(
     timeout_s: int = 1800,
     threshold: float | None = None,
     tower_layout: TowerLayout = "adjacent",
+    tensor_parallel_size: int | None = None,
 ) -> dict:
     """Embed images and/or captions with an open_clip model, on one device or many.
 
@@ -65,6 +66,8 @@ def setup(
             as ``filtered`` in the summary, not as errors).
         tower_layout: ``hybrid``: ``adjacent`` pairs ranks (2g, 2g+1), keeping a pair on one node;
             ``halves`` pairs rank g with g + world/2.
+        tensor_parallel_size: ``tensor_parallel``: ranks that share one vision tower (default: the
+            devices of a node); the others are data parallel.
         timeout_s: Seconds a rank waits for the others in a collective before failing, so that a dead
             rank stops the job instead of hanging it; a rerun resumes.
 
@@ -101,7 +104,7 @@ def setup(
         accelerator=accelerator,
         devices=devices,
         num_nodes=num_nodes,
-        strategy=build_strategy(strategy, devices, num_nodes, timeout_s, tower_layout),
+        strategy=build_strategy(strategy, devices, num_nodes, timeout_s, tower_layout, tensor_parallel_size),
         precision=precision,
     )
     return fabric.launch(main, source, model, data, output, mode, threshold, run)
@@ -143,7 +146,7 @@ def main(
         pin_memory=fabric.device.type == "cuda",
         worker_init_fn=ignore_stop_signals,
     )
-    writer = ShardWriter(out_dir, len(shards), output.dtype, threshold)
+    writer = ShardWriter(out_dir, len(shards), output.dtype, threshold, enabled=writes(fabric.strategy))
     names = {s.index: s.name for s in mine}
     rows = errors = 0
     start = time.perf_counter()
@@ -158,8 +161,8 @@ def main(
             writer.add(
                 batch["shard"], names[batch["shard"]], batch["rows"], batch["errors"], outputs, batch["last"]
             )
-            rows += len(batch["rows"])
-            errors += len(batch["errors"])
+            rows += len(batch["rows"]) * writer.enabled
+            errors += len(batch["errors"]) * writer.enabled
             progress.update(len(batch["rows"]))
     writer.close()
     progress.close()

@@ -56,8 +56,10 @@ class ShardWriter:
         num_shards: int,
         dtype: str = "float16",
         threshold: float | None = None,
+        enabled: bool = True,
     ) -> None:
         self.out_dir = Path(out_dir)
+        self.enabled = enabled  # a rank whose group-mate writes the same rows keeps only the bookkeeping
         self.num_shards = num_shards
         self.dtype = np.dtype(dtype)
         self.threshold = threshold
@@ -106,6 +108,8 @@ class ShardWriter:
             self._writes.remove(future)
 
     def _write(self, shard: int, source: str, buffer: _ShardRows) -> None:
+        if not self.enabled:
+            return
         name = shard_name(shard, self.num_shards)
         for tower, sub in EMBEDDING_DIRS.items():
             arrays = buffer.embeddings.get(tower)

@@ -7,28 +7,22 @@ import numpy as np
 import pytest
 from conftest import read_output, run_cli
 
+from clip_fabric.__main__ import main
+
 pytestmark = pytest.mark.slow
 
 
 def predict_cli(out, config, checkpoint, devices, *args):
-    result = run_cli(
-        "predict",
-        "--accelerator",
-        "cpu",
-        "--devices",
-        str(devices),
-        "--model.config",
-        str(config),
-        "--model.pretrained",
-        str(checkpoint),
-        "--output.dir",
-        str(out),
-        "--output.dtype",
-        "float32",
-        "--data.num_workers",
-        "1",
-        *args,
-    )
+    """The command as a user runs it; one device runs in this process (faster), more in real processes."""
+    argv = [
+        "predict", "--accelerator", "cpu", "--devices", str(devices), "--model.config", str(config),
+        "--model.pretrained", str(checkpoint), "--output.dir", str(out), "--output.dtype", "float32",
+        "--data.num_workers", "1", *args,
+    ]  # fmt: skip
+    if str(devices) == "1":
+        main(argv)
+        return None
+    result = run_cli(*argv)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -101,3 +95,24 @@ def test_hybrid_refuses_an_odd_world_before_starting(tmp_path, tiny_config):
     )  # fmt: skip
     assert result.returncode != 0 and not (tmp_path / "out").exists()
     assert result.stderr.strip().splitlines()[-1].startswith("clip_fabric: error: --strategy hybrid pairs")
+
+
+@pytest.mark.parametrize(
+    "layout", [["--devices", "2"], ["--devices", "4", "--tensor_parallel_size", "2"]], ids=["tp2", "dp2xtp2"]
+)
+def test_tensor_parallel_vision_tower_writes_the_same_rows(
+    tmp_path, tiny_config, tiny_checkpoint, wds_shards, layout
+):
+    data = ["--data.format", "webdataset", "--data.source", str(tmp_path / "shard-{000000..000002}.tar"),
+            "--data.batch_size", "3", "--mode", "both"]  # fmt: skip
+    predict_cli(tmp_path / "one", tiny_config, tiny_checkpoint, 1, *data)
+    devices = layout[1]
+    result = predict_cli(tmp_path / "tp", tiny_config, tiny_checkpoint, devices, *data, *layout[2:],
+                         "--strategy", "tensor_parallel")  # fmt: skip
+
+    assert "12 rows" in result.stdout and "this run 12 rows" in result.stdout
+    for tower in ("img_emb", "text_emb"):
+        one, one_keys = read_output(tmp_path / "one", tower)
+        tp, tp_keys = read_output(tmp_path / "tp", tower)
+        assert one_keys == tp_keys == [f"s{i:05d}" for i in range(12)]
+        assert np.all(1 - (one.astype(np.float64) * tp).sum(-1) < 1e-5)

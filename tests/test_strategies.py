@@ -9,12 +9,14 @@ import pytest
 import torch
 from conftest import read_output
 from lightning.fabric import Fabric
+from torch import nn
 
 from clip_fabric.config import DataArgs, ModelArgs, OutputArgs
 from clip_fabric.model import Encoder
 from clip_fabric.predict import setup
 from clip_fabric.strategies import build_strategy
 from clip_fabric.strategies.ddp import InferenceDDPStrategy
+from clip_fabric.strategies.tensor_parallel import HeadShardableAttention, check_shardable
 from clip_fabric.strategies.towers import TowerParallelStrategy, place_towers
 
 
@@ -99,3 +101,23 @@ def test_towers_on_gpu_and_cpu_match_one_device(tiny_config, tiny_checkpoint):
     assert out["image"].device.type == "cuda" and out["similarity"].device.type == "cpu"
     for name, value in reference.items():
         torch.testing.assert_close(out[name].cpu(), value.detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_head_shardable_attention_equals_multihead_attention():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(64, 4, batch_first=True).eval()
+    x = torch.randn(3, 10, 64)
+    with torch.no_grad():
+        expected = mha(x, x, x, need_weights=False)[0]
+        got, _ = HeadShardableAttention(mha)(x, x, x, need_weights=False)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_tensor_parallel_size_must_split_heads(tiny_config):
+    open_clip.add_model_config(tiny_config)
+    model = open_clip.create_model("tiny-clip")  # 2 heads, MLP width 256
+    check_shardable(model, 2)
+    with pytest.raises(ValueError, match="2 attention heads and MLP width 256: the tensor-parallel size 4"):
+        check_shardable(model, 4)
+    with pytest.raises(ValueError, match="--tensor_parallel_size 2 must divide the world size 3"):
+        build_strategy("tensor_parallel", 3, 1, tensor_parallel_size=2)

@@ -11,6 +11,7 @@ from torch import nn
 
 from clip_fabric.strategies.ddp import InferenceDDPStrategy
 from clip_fabric.strategies.hybrid import HybridTowerStrategy
+from clip_fabric.strategies.tensor_parallel import VisionTensorParallelStrategy
 from clip_fabric.strategies.towers import TowerParallelStrategy
 from clip_fabric.topology import TowerPairs
 
@@ -18,11 +19,17 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "ddp": InferenceDDPStrategy,
     "model_parallel": TowerParallelStrategy,
     "hybrid": HybridTowerStrategy,
+    "tensor_parallel": VisionTensorParallelStrategy,
 }
 
 
 def build_strategy(
-    name: str, devices: int | str, num_nodes: int, timeout_s: int = 1800, tower_layout: str = "adjacent"
+    name: str,
+    devices: int | str,
+    num_nodes: int,
+    timeout_s: int = 1800,
+    tower_layout: str = "adjacent",
+    tensor_parallel_size: int | None = None,
 ) -> Strategy | str:
     """The strategy for ``name``; ``auto`` is data parallel over several devices, else one device.
 
@@ -40,7 +47,30 @@ def build_strategy(
         if str(devices).isdigit():  # validate the layout before any process starts
             TowerPairs(int(devices) * num_nodes, tower_layout)
         return HybridTowerStrategy(tower_layout, timeout=timedelta(seconds=timeout_s))
+    if name == "tensor_parallel":
+        return _tensor_parallel(devices, num_nodes, tensor_parallel_size, timedelta(seconds=timeout_s))
     return STRATEGIES[name](timeout=timedelta(seconds=timeout_s))
+
+
+def _tensor_parallel(
+    devices: int | str, num_nodes: int, size: int | None, timeout: timedelta
+) -> VisionTensorParallelStrategy:
+    """Tensor parallel within a node by default (``size`` = devices per node), data parallel across."""
+    if size is None:
+        return VisionTensorParallelStrategy(timeout=timeout)
+    if not str(devices).isdigit():
+        raise ValueError("--tensor_parallel_size needs a number of --devices, not 'auto'")
+    world = int(devices) * num_nodes
+    if size < 1 or world % size:
+        raise ValueError(
+            f"--tensor_parallel_size {size} must divide the world size {world} (devices × nodes)"
+        )
+    return VisionTensorParallelStrategy(size, data_parallel_size=world // size, timeout=timeout)
+
+
+def writes(strategy: Strategy | object) -> bool:
+    """Whether this rank writes what it computes (the ranks of a tensor-parallel group compute together)."""
+    return getattr(strategy, "writes", True)
 
 
 def data_parallel(strategy: Strategy | object, rank: int, world_size: int) -> tuple[int, int] | None:

@@ -1,0 +1,100 @@
+"""Tensor parallelism for vision towers too large for one device (``--strategy tensor_parallel``):
+attention heads and MLP columns of every vision block are sharded with DTensor over the
+``tensor_parallel`` mesh dimension, and the ``data_parallel`` dimension splits the shards.
+
+It runs through Fabric's ``ModelParallelStrategy`` with ``parallelize_vision`` as its parallelize
+function, torchtitan-style: one function applies the plan, the model code is not touched.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from lightning.fabric.strategies import ModelParallelStrategy
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+BLOCK_PLAN = {
+    "attn.q": ColwiseParallel(),
+    "attn.k": ColwiseParallel(),
+    "attn.v": ColwiseParallel(),
+    "attn.out": RowwiseParallel(),
+    "mlp.c_fc": ColwiseParallel(),
+    "mlp.c_proj": RowwiseParallel(),
+}
+
+
+class HeadShardableAttention(nn.Module):
+    """``nn.MultiheadAttention`` (batch first) with separate q/k/v projections, so that sharding their
+    output columns shards whole heads; same call signature and result as the module it replaces."""
+
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__()
+        if not mha.batch_first or not mha._qkv_same_embed_dim:
+            raise ValueError("tensor_parallel supports batch-first self-attention blocks only")
+        dim = mha.embed_dim
+        self.head_dim = dim // mha.num_heads
+        self.q, self.k, self.v = (nn.Linear(dim, dim, device=mha.in_proj_weight.device) for _ in range(3))
+        for i, proj in enumerate((self.q, self.k, self.v)):
+            proj.weight.data.copy_(mha.in_proj_weight.data[i * dim : (i + 1) * dim])
+            proj.bias.data.copy_(mha.in_proj_bias.data[i * dim : (i + 1) * dim])
+        self.out = mha.out_proj
+
+    def forward(self, q_x: Tensor, k_x: Tensor, v_x: Tensor, need_weights: bool = False, attn_mask=None):
+        batch, length, _ = q_x.shape
+
+        def heads(x: Tensor) -> Tensor:  # local heads only: the projection's columns may be sharded
+            return x.view(batch, length, -1, self.head_dim).transpose(1, 2)
+
+        q, k, v = heads(self.q(q_x)), heads(self.k(k_x)), heads(self.v(v_x))
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.out(x.transpose(1, 2).reshape(batch, length, -1)), None
+
+
+def vision_blocks(model: nn.Module) -> list[nn.Module]:
+    return list(model.visual.transformer.resblocks)
+
+
+def check_shardable(model: nn.Module, tensor_parallel_size: int) -> None:
+    """Heads and MLP width must split evenly, or the plan would cut a head in two."""
+    for block in vision_blocks(model)[:1]:
+        heads, width = block.attn.num_heads, block.mlp.c_fc.out_features
+        if heads % tensor_parallel_size or width % tensor_parallel_size:
+            raise ValueError(
+                f"the vision tower has {heads} attention heads and MLP width {width}: the tensor-parallel "
+                f"size {tensor_parallel_size} must divide both"
+            )
+
+
+def parallelize_vision(module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """Shard every vision block of ``module.model`` over ``mesh["tensor_parallel"]``; the rest of the
+    model (text tower, embeddings, norms) is replicated."""
+    tp_mesh = mesh["tensor_parallel"]
+    model = module.model
+    if not hasattr(model.visual, "transformer"):
+        raise ValueError("--strategy tensor_parallel supports open_clip ViT vision towers only")
+    check_shardable(model, tp_mesh.size())
+    for block in vision_blocks(model):
+        block.attn = HeadShardableAttention(block.attn)
+        parallelize_module(block, tp_mesh, BLOCK_PLAN)
+    return module
+
+
+class VisionTensorParallelStrategy(ModelParallelStrategy):
+    """Fabric's ``ModelParallelStrategy`` with the vision plan; ranks of one tensor-parallel group read
+    the same shards (they compute one batch together) and only the first of them writes."""
+
+    def __init__(self, tensor_parallel_size: int | str = "auto", **kwargs) -> None:
+        super().__init__(parallelize_vision, tensor_parallel_size=tensor_parallel_size, **kwargs)
+
+    def module_to_device(self, module: nn.Module) -> None:
+        module.to(self.root_device)  # the replicated parts; the plan moves the sharded ones
+
+    @property
+    def data_parallel(self) -> tuple[int, int]:
+        mesh = self.device_mesh["data_parallel"]
+        return mesh.get_local_rank(), mesh.size()
+
+    @property
+    def writes(self) -> bool:
+        return self.device_mesh["tensor_parallel"].get_local_rank() == 0
