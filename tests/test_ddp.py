@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import read_output, run_cli
+from conftest import read_output, run_cli, write_tar
 
 from clip_fabric.__main__ import main
 
@@ -74,7 +74,8 @@ def test_more_ranks_than_shards(tmp_path, tiny_config, tiny_checkpoint, wds_shar
 def test_hybrid_pairs_write_the_same_rows(
     tmp_path, tiny_config, tiny_checkpoint, wds_shards, devices, layout
 ):
-    data = ["--data.format", "webdataset", "--data.source", str(tmp_path / "shard-{000000..000002}.tar"),
+    write_tar(tmp_path / "shard-000003.tar", [])  # an empty shard
+    data = ["--data.format", "webdataset", "--data.source", str(tmp_path / "shard-{000000..000003}.tar"),
             "--data.batch_size", "2", "--mode", "both"]  # fmt: skip
     predict_cli(tmp_path / "one", tiny_config, tiny_checkpoint, 1, *data)
     result = predict_cli(tmp_path / "hybrid", tiny_config, tiny_checkpoint, devices, *data,
