@@ -78,6 +78,8 @@ class WebDatasetSource:
     def _raw(self, sample: dict) -> RawSample:
         caption = next((sample[f] for f in CAPTION_FIELDS if f in sample), None)
         raw = RawSample(sample["__key__"], caption=caption.decode("utf-8").strip() if caption else None)
+        if "cls" in sample:  # the class index of a labelled sample, for zero-shot evaluation
+            raw.meta["label"] = sample["cls"].decode("utf-8").strip()
         if self.text_only:
             if raw.caption is None:
                 raw.error = "no caption field (txt) in sample"

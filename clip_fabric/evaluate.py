@@ -1,0 +1,347 @@
+"""``evaluate``: zero-shot top-1/top-5 accuracy on labelled images, or image<->text recall@k on image-caption
+pairs, on one device or many, as JSON and a table comparable across models, precisions and strategies.
+
+``setup`` validates everything and starts the ranks; ``main`` is the per-rank loop over this rank's shards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning.fabric import Fabric
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchmetrics import MeanMetric, Metric
+from torchmetrics.classification import MulticlassAccuracy
+from tqdm import tqdm
+
+from clip_fabric.config import DataArgs, ModelArgs
+from clip_fabric.data import Source, build_source
+from clip_fabric.data.decode import CpuDecoder
+from clip_fabric.data.stream import ShardStream
+from clip_fabric.model import Encoder, check_model, load_model
+from clip_fabric.strategies import build_strategy, data_parallel, writes
+from clip_fabric.zeroshot import build_classifier, load_class_names, load_templates
+
+log = logging.getLogger(__name__)
+Task = Literal["zeroshot", "retrieval"]
+TOP_K = (1, 5)
+RECALL_K = (1, 5, 10)
+# hybrid's text ranks only serve pairs (image and caption together); the classifier's prompts have no image.
+UNSUPPORTED_STRATEGIES = ("hybrid",)
+
+
+def setup(
+    model: ModelArgs = ModelArgs(),
+    data: DataArgs = DataArgs(),
+    task: Task = "zeroshot",
+    class_names: str | None = None,
+    templates: str = "openai",
+    output: str = "evaluation.json",
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    precision: str = "32-true",
+    timeout_s: int = 1800,
+    tensor_parallel_size: int | None = None,
+) -> dict:
+    """Measure an open_clip model on your own data: zero-shot accuracy or retrieval recall.
+
+    Args:
+        model: The open_clip model and its weights.
+        data: The evaluation samples. ``zeroshot``: ``folder`` (one sub-folder per class; a label is the
+            index of its sub-folder in sorted order) or ``webdataset`` (a ``cls`` field holding the class
+            index). ``retrieval``: any format with captions; each image's own caption is its only match.
+        task: ``zeroshot`` (top-1/top-5 accuracy) or ``retrieval`` (image->text and text->image
+            recall@1/5/10).
+        class_names: ``zeroshot``: ``imagenet`` (open_clip's names) or a file of one name per line, in
+            label order; default for folders: the sub-folder names.
+        templates: ``zeroshot``: prompt templates, ``openai`` (80), ``simple`` (7) or a file of one
+            template per line with ``{}`` for the class name.
+        output: JSON file the metrics, counts and configuration are written to.
+        accelerator: Fabric accelerator: ``cpu``, ``cuda``, ``gpu`` or ``auto``.
+        devices: Devices per node (a count, or ``auto``).
+        num_nodes: Number of nodes.
+        strategy: ``auto``, ``ddp``, ``model_parallel`` or ``tensor_parallel`` (``hybrid`` is refused).
+        precision: Fabric precision, e.g. ``32-true``, ``16-mixed``, ``bf16-mixed``.
+        timeout_s: Seconds a rank waits for the others in a collective before failing.
+        tensor_parallel_size: ``tensor_parallel``: ranks that share one vision tower.
+
+    Returns:
+        The report (also written to ``output``).
+    """
+    if strategy in UNSUPPORTED_STRATEGIES:
+        raise ValueError(
+            f"--strategy {strategy} is not supported by evaluate (its text ranks only serve image-caption "
+            "pairs); use ddp, model_parallel or tensor_parallel"
+        )
+    if Path(output).is_dir():
+        raise ValueError(f"--output {output!r} is a folder; give the path of a JSON file")
+    check_model(model)
+    source = build_source(data)
+    classes, prompt_templates = None, None
+    if task == "zeroshot":
+        classes = _class_names(source, data, class_names)
+        prompt_templates = load_templates(templates)
+    elif class_names is not None:
+        raise ValueError("--class_names is for --task zeroshot; retrieval matches each image to its caption")
+    config = {
+        "task": task,
+        "model": asdict(model),
+        "data": asdict(data),
+        "class_names": class_names,
+        "templates": templates if task == "zeroshot" else None,
+        "precision": precision,
+        "strategy": strategy,
+        "accelerator": accelerator,
+        "devices": devices,
+        "num_nodes": num_nodes,
+    }
+    fabric = Fabric(
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=build_strategy(
+            strategy, devices, num_nodes, timeout_s, tensor_parallel_size=tensor_parallel_size
+        ),
+        precision=precision,
+    )
+    return fabric.launch(main, source, model, data, task, classes, prompt_templates, Path(output), config)
+
+
+def main(
+    fabric: Fabric,
+    source: Source,
+    model_args: ModelArgs,
+    data: DataArgs,
+    task: Task,
+    classes: list[str] | None,
+    templates: list | None,
+    output: Path,
+    config: dict,
+) -> dict:
+    model, preprocess, tokenizer = load_model(model_args)
+    encoder = fabric.setup_module(Encoder(model, frozenset({"image", "text"})))
+    shards = source.shards()
+    split = data_parallel(fabric.strategy, fabric.global_rank, fabric.world_size)
+    mine = shards[split[0] :: split[1]] if split else []
+    stream = ShardStream(
+        source,
+        mine,
+        CpuDecoder(preprocess, tokenizer, data.max_image_pixels),
+        data.batch_size,
+        need_image=True,
+        need_text=task == "retrieval",
+    )
+    loader = DataLoader(stream, batch_size=None, num_workers=min(data.num_workers, len(mine)))
+    # Ranks of one tensor-parallel group see the same batches: only the first one counts them.
+    counts = writes(fabric.strategy)
+    progress = tqdm(desc=f"evaluating {len(mine)} shards", unit=" samples", disable=fabric.global_rank != 0)
+    with torch.inference_mode():
+        if task == "zeroshot":
+            metrics, samples, errors = _zeroshot(fabric, encoder, tokenizer, loader, classes, templates, data,
+                                                 counts, progress)  # fmt: skip
+        else:
+            metrics, samples, errors = _retrieval(fabric, encoder, loader, counts, progress)
+    progress.close()
+    report = {
+        "task": task,
+        "metrics": metrics,
+        "counts": {"samples": samples, "skipped": errors} | ({"classes": len(classes)} if classes else {}),
+        "model": config["model"],
+        "precision": config["precision"],
+        "strategy": config["strategy"],
+        "world_size": fabric.world_size,
+        "config": config,
+    }
+    if fabric.global_rank == 0:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2, default=str))
+    fabric.print(format_table(report))
+    fabric.print(f"clip_fabric: report written to {output}")
+    return report
+
+
+def _zeroshot(fabric, encoder, tokenizer, loader, classes, templates, data, counts, progress):
+    """Top-k accuracy of ``argmax(image @ classifier.T)``; torchmetrics sums the counts over ranks."""
+    # The classifier is computed identically on every rank: it is small (classes x templates prompts, a few
+    # seconds for ImageNet's 80,000), and needs no collective, so it works the same under every strategy.
+    weights = build_classifier(
+        lambda tokens: encoder(None, fabric.to_device(tokens))["text"], tokenizer, classes, templates,
+        data.batch_size,
+    ).to(fabric.device)  # fmt: skip
+    accuracy = {
+        f"top{k}": MulticlassAccuracy(num_classes=len(classes), top_k=k, average="micro").to(fabric.device)
+        for k in TOP_K
+        if k <= len(classes)  # top-k of fewer than k classes would be 1 by construction
+    }
+    class_index = {name: i for i, name in enumerate(classes)}
+    samples = errors = 0
+    for batch in loader:
+        progress.update(len(batch["rows"]))
+        if not batch["rows"]:
+            errors += len(batch["errors"]) * counts
+            continue
+        labels = torch.tensor([_label(row, class_index) for row in batch["rows"]], device=fabric.device)
+        # Every rank encodes (tensor-parallel ranks compute each batch together); only counting ones count.
+        images = encoder(fabric.to_device(batch["images"]), None)["image"].to(fabric.device)
+        if counts:
+            for metric in accuracy.values():
+                metric.update(images @ weights.T, labels)
+            samples += len(labels)
+            errors += len(batch["errors"])
+    metrics = {f"top{k}": _value(accuracy[f"top{k}"]) if f"top{k}" in accuracy else None for k in TOP_K}
+    return metrics, *_sum(fabric, samples, errors)
+
+
+def _retrieval(fabric, encoder, loader, counts, progress):
+    """Recall@k both ways over the whole set: every rank gathers all candidates, ranks its own queries
+    against them, and torchmetrics averages the hits over ranks."""
+    images, texts, errors = [], [], 0
+    for batch in loader:
+        errors += len(batch["errors"]) * counts
+        progress.update(len(batch["rows"]))
+        if not batch["rows"]:
+            continue
+        # Every rank encodes (tensor-parallel ranks compute each batch together); only counting ones keep it.
+        out = encoder(fabric.to_device(batch["images"]), fabric.to_device(batch["texts"]))
+        if counts:
+            images.append(out["image"].to(fabric.device))
+            texts.append(out["text"].to(fabric.device))
+    all_images, first = _gather_rows(fabric, images)
+    all_texts, _ = _gather_rows(fabric, texts)
+    local = slice(first, first + sum(len(x) for x in images))
+    recall: dict[str, Metric] = {}
+    for direction, queries, candidates in (
+        ("image_to_text", all_images[local], all_texts),
+        ("text_to_image", all_texts[local], all_images),
+    ):
+        ranks = _rank_of_match(queries, candidates, local.start)
+        for k in RECALL_K:
+            metric = recall[f"{direction}_R@{k}"] = MeanMetric().to(fabric.device)
+            if len(ranks):
+                metric.update((ranks < k).float())
+    samples, errors = _sum(fabric, local.stop - local.start, errors)
+    return {name: _value(metric) for name, metric in recall.items()}, samples, errors
+
+
+def _gather_rows(fabric: Fabric, parts: list[Tensor]) -> tuple[Tensor, int]:
+    """All ranks' rows in rank order, and where this rank's rows start. Ranks hold uneven counts, and
+    ``all_gather`` needs equal shapes, so each pads to the largest count and the padding is cut after."""
+    local = torch.cat(parts) if parts else None
+    shape = torch.tensor([len(local), local.shape[1]] if local is not None else [0, 0], device=fabric.device)
+    if fabric.world_size == 1:
+        return (local if local is not None else torch.zeros(0, 0, device=fabric.device)), 0
+    shapes = fabric.all_gather(shape).view(fabric.world_size, 2)
+    longest, dim = int(shapes[:, 0].max()), int(shapes[:, 1].max())
+    padded = torch.zeros(longest, dim, device=fabric.device)
+    if local is not None:
+        padded[: len(local)] = local
+    gathered = fabric.all_gather(padded).view(fabric.world_size, longest, dim)
+    rows = torch.cat([gathered[r, : int(shapes[r, 0])] for r in range(fabric.world_size)])
+    return rows, int(shapes[: fabric.global_rank, 0].sum())
+
+
+def _rank_of_match(queries: Tensor, candidates: Tensor, first: int) -> Tensor:
+    """For query ``i`` (global row ``first + i``), how many candidates score strictly above its own match,
+    candidate ``first + i``: recall@k counts the queries where this is below k (a tie counts as found)."""
+    if not len(queries):
+        return torch.zeros(0, device=queries.device)
+    scores = queries @ candidates.T
+    own = scores[torch.arange(len(queries)), first + torch.arange(len(queries))]
+    return (scores > own[:, None]).sum(dim=1)
+
+
+def _label(row: dict, class_index: dict[str, int]) -> int:
+    """Webdataset: the ``cls`` field (a class index); folder: the class sub-folder of the key."""
+    if "label" in row:
+        label = row["label"]
+        if not label.isdigit() or int(label) >= len(class_index):
+            raise ValueError(
+                f"sample {row['key']}: cls {label!r} is not a class index in 0..{len(class_index) - 1}; "
+                "check --class_names against the data"
+            )
+        return int(label)
+    folder = row["key"].split("/", 1)[0]
+    if folder not in class_index:
+        raise ValueError(f"sample {row['key']} has no class: webdataset samples need a cls field")
+    return class_index[folder]
+
+
+def _class_names(source: Source, data: DataArgs, spec: str | None) -> list[str]:
+    """The names whose prompts make the classifier, in label order; checked against the data's labels."""
+    if data.format == "webdataset":
+        if spec is None:
+            raise ValueError(
+                "--task zeroshot on webdataset needs --class_names (imagenet or a file of names, one a line, "
+                "line i for cls i)"
+            )
+        return load_class_names(spec)
+    if data.format != "folder":
+        raise ValueError(
+            f"--task zeroshot needs labelled data: --data.format folder (one sub-folder per class) or "
+            f"webdataset (a cls field), not {data.format}"
+        )
+    top_level = [p for p in source.paths if "/" not in p]
+    if top_level:
+        raise ValueError(
+            f"--data.source {data.source}: {len(top_level)} image(s) such as {top_level[0]!r} are not in a "
+            "class sub-folder; put each image in the sub-folder of its class"
+        )
+    folders = sorted({p.split("/", 1)[0] for p in source.paths})
+    if not folders:
+        raise ValueError(f"--data.source {data.source}: no images in class sub-folders")
+    if spec is None:
+        return folders
+    names = load_class_names(spec)
+    if len(names) != len(folders):
+        raise ValueError(
+            f"--class_names {spec} has {len(names)} names but --data.source has {len(folders)} class "
+            "sub-folders; give one name per sub-folder, in the sub-folders' sorted order"
+        )
+    return names
+
+
+def _sum(fabric: Fabric, samples: int, errors: int) -> tuple[int, int]:
+    total = fabric.all_reduce(torch.tensor([samples, errors], device=fabric.device), reduce_op="sum")
+    return int(total[0]), int(total[1])
+
+
+def _value(metric: Metric) -> float | None:
+    """The metric over all ranks (torchmetrics syncs its states at ``compute``); None if no sample."""
+    value = float(metric.compute())
+    return None if value != value else round(value, 6)  # NaN: nothing was counted
+
+
+def format_table(report: dict) -> str:
+    """The metrics as a small fixed-width table, headed by what makes runs comparable."""
+    counts = report["counts"]
+    head = (
+        f"{report['task']}  model {report['model']['name']} ({report['model']['pretrained'] or 'random'})  "
+        f"precision {report['precision']}  strategy {report['strategy']}  world {report['world_size']}  "
+        f"samples {counts['samples']}  skipped {counts['skipped']}"
+    )
+    width = max(len(name) for name in report["metrics"])
+    lines = [head, f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+    for name, value in report["metrics"].items():
+        lines.append(f"{name:<{width}}  " + (f"{100 * value:6.2f}%" if value is not None else "   n/a"))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from jsonargparse import CLI, set_parsing_settings
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    try:
+        CLI(setup, as_positional=False)
+    except (ValueError, RuntimeError) as err:
+        sys.exit(f"clip_fabric evaluate: error: {err}")
