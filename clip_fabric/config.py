@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 DataFormat = Literal["folder", "files", "webdataset", "synthetic"]
-Mode = Literal["image", "text", "both", "pair"]
+Mode = Literal["image", "text", "both", "pair", "zeroshot"]
 
 # What each mode writes: embeddings of a tower (``image``, ``text``) and/or the image-caption cosine
 # similarity of each pair (``similarity``, a metadata column).
@@ -21,6 +21,7 @@ MODE_OUTPUTS: dict[str, frozenset[str]] = {
     "text": frozenset({"text"}),
     "both": frozenset({"image", "text", "similarity"}),
     "pair": frozenset({"similarity"}),
+    "zeroshot": frozenset({"image", "topk", "topk_probs"}),
 }
 
 
@@ -108,6 +109,22 @@ class DataArgs:
                 raise ValueError(f"--data.source {self.source!r} is not a folder (--data.format folder)")
             if self.format == "files" and not path.is_file():
                 raise ValueError(f"--data.source {self.source!r} is not a file (--data.format files)")
+
+
+@dataclass
+class ZeroShotArgs:
+    """Zero-shot classification (``--mode zeroshot``): classes, prompts, and how many labels to keep."""
+
+    class_names: str = "imagenet"
+    """``imagenet`` (open_clip's 1000 names) or a text file with one class name per line."""
+    templates: str = "openai"
+    """``openai`` (80 prompts), ``simple`` (7) or a text file, one prompt per line, ``{}`` for the name."""
+    top_k: int = 5
+    """Labels and probabilities written per image, best first."""
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"--zeroshot.top_k must be >= 1, got {self.top_k}")
 
 
 @dataclass

@@ -80,10 +80,14 @@ class Encoder(nn.Module):
     runs is a plain dot product.
     """
 
-    def __init__(self, model: nn.Module, outputs: frozenset[str] = frozenset({"image", "text"})) -> None:
+    def __init__(
+        self, model: nn.Module, outputs: frozenset[str] = frozenset({"image", "text"}), top_k: int = 5
+    ) -> None:
         super().__init__()
         self.model = model
         self.outputs = outputs
+        self.top_k = top_k
+        self.classifier: Tensor | None = None  # [classes, dim] zero-shot weights, set once before the run
 
     def forward(self, images: Tensor | None = None, texts: Tensor | None = None) -> dict[str, Tensor]:
         image = self.image_features(images) if images is not None else None
@@ -102,6 +106,11 @@ class Encoder(nn.Module):
         if "similarity" in self.outputs:
             # Where the towers sit on two devices, they meet on the text tower's.
             out["similarity"] = (image.to(text.device) * text).sum(-1)
+        if "topk" in self.outputs:
+            weights = self.classifier.to(image.device)
+            logits = self.model.logit_scale.exp().float().to(image.device) * image @ weights.T
+            probs, index = logits.softmax(dim=-1).topk(min(self.top_k, len(weights)), dim=-1)
+            out |= {"topk": index, "topk_probs": probs}
         return {name: value for name, value in out.items() if name in self.outputs}
 
 

@@ -10,15 +10,17 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from lightning.fabric import Fabric
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from clip_fabric.config import MODE_OUTPUTS, DataArgs, Mode, ModelArgs, OutputArgs
+from clip_fabric.config import MODE_OUTPUTS, DataArgs, Mode, ModelArgs, OutputArgs, ZeroShotArgs
 from clip_fabric.data import Source, build_source
 from clip_fabric.data.decode import CpuDecoder
 from clip_fabric.data.stream import ShardStream
@@ -28,6 +30,7 @@ from clip_fabric.preemption import StopRequest, ignore_stop_signals, requeue_slu
 from clip_fabric.strategies import build_strategy, data_parallel, partner_session, writes
 from clip_fabric.topology import TowerLayout
 from clip_fabric.writers import DONE_DIR, EMBEDDING_DIRS, ShardWriter, done_shards
+from clip_fabric.zeroshot import build_classifier, load_class_names, load_templates
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
@@ -47,6 +50,7 @@ def setup(
     threshold: float | None = None,
     tower_layout: TowerLayout = "adjacent",
     tensor_parallel_size: int | None = None,
+    zeroshot: ZeroShotArgs = ZeroShotArgs(),
 ) -> dict:
     """Embed images and/or captions with an open_clip model, on one device or many.
 
@@ -56,7 +60,8 @@ def setup(
         output: Where the embeddings go.
         mode: What is computed: ``image`` or ``text`` embeddings; ``both`` (image-caption pairs:
             both embeddings and their cosine similarity); ``pair`` (only the similarity of each pair,
-            in the metadata, for filtering datasets).
+            in the metadata, for filtering datasets); ``zeroshot`` (image embeddings and the top-k
+            classes with their probabilities).
         accelerator: Fabric accelerator: ``cpu``, ``cuda``, ``gpu`` or ``auto``.
         devices: Devices per node (a count, or ``auto``).
         num_nodes: Number of nodes.
@@ -68,6 +73,7 @@ def setup(
             ``halves`` pairs rank g with g + world/2.
         tensor_parallel_size: ``tensor_parallel``: ranks that share one vision tower (default: the
             devices of a node); the others are data parallel.
+        zeroshot: ``zeroshot`` mode: class names, prompt templates and the number of labels per image.
         timeout_s: Seconds a rank waits for the others in a collective before failing, so that a dead
             rank stops the job instead of hanging it; a rerun resumes.
 
@@ -78,6 +84,14 @@ def setup(
         raise ValueError(
             f"--strategy {strategy} splits the two towers: use it with --mode both or pair, not {mode}"
         )
+    if mode == "zeroshot":
+        if strategy == "hybrid":
+            raise ValueError(
+                "--mode zeroshot runs only the vision tower per batch: use --strategy ddp, not hybrid"
+            )
+        class_names, _ = load_class_names(zeroshot.class_names), load_templates(zeroshot.templates)
+        if zeroshot.top_k > len(class_names):
+            raise ValueError(f"--zeroshot.top_k {zeroshot.top_k} exceeds the {len(class_names)} class names")
     if threshold is not None and "similarity" not in MODE_OUTPUTS[mode]:
         raise ValueError(
             f"--threshold filters image-caption pairs: use it with --mode pair or both, not {mode}"
@@ -85,7 +99,8 @@ def setup(
     check_model(model)
     source = build_source(data, text_only=mode == "text")
     run = {
-        "fingerprint": _fingerprint(model, data, output, mode, precision) | {"threshold": threshold},
+        "fingerprint": _fingerprint(model, data, output, mode, precision)
+        | {"threshold": threshold, "zeroshot": asdict(zeroshot) if mode == "zeroshot" else None},
         "config": {
             "model": asdict(model),
             "data": asdict(data),
@@ -97,6 +112,7 @@ def setup(
             "strategy": strategy,
             "precision": precision,
             "threshold": threshold,
+            "zeroshot": asdict(zeroshot),
         },
     }
     _check_output_dir(Path(output.dir), run["fingerprint"], output.overwrite)
@@ -107,7 +123,7 @@ def setup(
         strategy=build_strategy(strategy, devices, num_nodes, timeout_s, tower_layout, tensor_parallel_size),
         precision=precision,
     )
-    return fabric.launch(main, source, model, data, output, mode, threshold, run)
+    return fabric.launch(main, source, model, data, output, mode, threshold, zeroshot, run)
 
 
 def main(
@@ -118,6 +134,7 @@ def main(
     output: OutputArgs,
     mode: Mode,
     threshold: float | None,
+    zeroshot: ZeroShotArgs,
     run: dict,
 ) -> dict:
     out_dir = Path(output.dir)
@@ -126,7 +143,15 @@ def main(
     fabric.barrier()
 
     model, preprocess, tokenizer = load_model(model_args)
-    encoder = SplittingEncoder(fabric.setup_module(Encoder(model, MODE_OUTPUTS[mode])), data.batch_size)
+    encoder = SplittingEncoder(
+        fabric.setup_module(Encoder(model, MODE_OUTPUTS[mode], zeroshot.top_k)), data.batch_size
+    )
+    class_names = None
+    if "topk" in MODE_OUTPUTS[mode]:
+        class_names = load_class_names(zeroshot.class_names)
+        encoder.module.classifier = sharded_classifier(
+            fabric, encoder.module, tokenizer, class_names, load_templates(zeroshot.templates)
+        )
     shards = source.shards()
     done = done_shards(out_dir)
     split = data_parallel(fabric.strategy, fabric.global_rank, fabric.world_size)
@@ -146,7 +171,14 @@ def main(
         pin_memory=fabric.device.type == "cuda",
         worker_init_fn=ignore_stop_signals,
     )
-    writer = ShardWriter(out_dir, len(shards), output.dtype, threshold, enabled=writes(fabric.strategy))
+    writer = ShardWriter(
+        out_dir,
+        len(shards),
+        output.dtype,
+        threshold,
+        enabled=writes(fabric.strategy),
+        class_names=class_names,
+    )
     names = {s.index: s.name for s in mine}
     rows = errors = 0
     start = time.perf_counter()
@@ -182,6 +214,21 @@ def main(
         f"at {summary['this_run']['samples_per_s'] or 0:.1f} samples/s on {fabric.world_size} rank(s)"
     )
     return summary
+
+
+def sharded_classifier(
+    fabric: Fabric, encoder: nn.Module, tokenizer: Callable, class_names: list[str], templates: list
+) -> torch.Tensor:
+    """Zero-shot weights, computed once per run: each rank encodes the prompts of an equal slice of the
+    classes and the slices are all-gathered, so N ranks share the cost of classes x templates."""
+    per_rank = -(-len(class_names) // fabric.world_size)
+    start = fabric.global_rank * per_rank
+    mine = class_names[start : start + per_rank]
+    mine += class_names[:1] * (per_rank - len(mine))  # equal shapes for all_gather; trimmed below
+    with fabric.autocast():
+        local = build_classifier(encoder.text_features, tokenizer, mine, templates)
+    gathered = fabric.all_gather(local.contiguous()) if fabric.world_size > 1 else local
+    return gathered.reshape(-1, local.shape[-1])[: len(class_names)]
 
 
 def _encode(fabric: Fabric, encoder: SplittingEncoder, batch: dict) -> dict:

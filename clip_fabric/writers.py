@@ -57,12 +57,14 @@ class ShardWriter:
         dtype: str = "float16",
         threshold: float | None = None,
         enabled: bool = True,
+        class_names: list[str] | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.enabled = enabled  # a rank whose group-mate writes the same rows keeps only the bookkeeping
         self.num_shards = num_shards
         self.dtype = np.dtype(dtype)
         self.threshold = threshold
+        self.class_names = class_names
         for sub in (*EMBEDDING_DIRS.values(), "metadata", "errors", DONE_DIR):
             (self.out_dir / sub).mkdir(parents=True, exist_ok=True)
         self._open: dict[int, _ShardRows] = defaultdict(_ShardRows)
@@ -81,6 +83,11 @@ class ShardWriter:
                 keep = scores >= self.threshold
                 buffer.filtered += int((~keep).sum())
                 rows = [row for row, kept in zip(rows, keep, strict=True) if kept]
+        if "topk" in outputs:
+            rows = [
+                row | self._labels(index, probs)
+                for row, index, probs in zip(rows, outputs["topk"], outputs["topk_probs"], strict=True)
+            ]
         buffer.rows.extend(rows)
         buffer.errors.extend(errors)
         for tower in EMBEDDING_DIRS.keys() & outputs.keys():
@@ -89,6 +96,15 @@ class ShardWriter:
         if last:
             self._writes.append(self._pool.submit(self._write, shard, source, self._open.pop(shard)))
             self._raise_failed()
+
+    def _labels(self, index: np.ndarray, probs: np.ndarray) -> dict:
+        names = [self.class_names[i] for i in index]
+        return {
+            "label": names[0],
+            "probability": float(probs[0]),
+            "topk_labels": names,
+            "topk_probs": probs.tolist(),
+        }
 
     @property
     def open_shards(self) -> set[int]:
@@ -152,9 +168,12 @@ def _table(rows: list[dict]) -> pa.Table | None:
     if not rows:
         return None
     columns = {name: [row.get(name) for row in rows] for name in rows[0]}
-    return pa.table(
-        {
-            name: pa.array(values, pa.float32() if isinstance(values[0], float) else pa.string())
-            for name, values in columns.items()
-        }
-    )
+    return pa.table({name: pa.array(values, _column_type(values[0])) for name, values in columns.items()})
+
+
+def _column_type(value: object) -> pa.DataType:
+    if isinstance(value, float):
+        return pa.float32()
+    if isinstance(value, list):
+        return pa.list_(pa.float32() if value and isinstance(value[0], float) else pa.string())
+    return pa.string()

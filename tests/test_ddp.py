@@ -117,3 +117,22 @@ def test_tensor_parallel_vision_tower_writes_the_same_rows(
         tp, tp_keys = read_output(tmp_path / "tp", tower)
         assert one_keys == tp_keys == [f"s{i:05d}" for i in range(12)]
         assert np.all(1 - (one.astype(np.float64) * tp).sum(-1) < 1e-5)
+
+
+def test_zeroshot_classifier_sharded_over_ranks(tmp_path, tiny_config, tiny_checkpoint, image_folder):
+    (tmp_path / "classes.txt").write_text("cat\ndog\ncar\n")  # 3 classes over 2 ranks: uneven slices
+    data = ["--data.format", "folder", "--data.source", str(image_folder), "--data.shard_size", "4",
+            "--mode", "zeroshot", "--zeroshot.class_names", str(tmp_path / "classes.txt"),
+            "--zeroshot.templates", "simple", "--zeroshot.top_k", "2"]  # fmt: skip
+    predict_cli(tmp_path / "one", tiny_config, tiny_checkpoint, 1, *data)
+    predict_cli(tmp_path / "two", tiny_config, tiny_checkpoint, 2, *data)
+
+    import pandas as pd
+
+    one, two = (
+        pd.concat(pd.read_parquet(p) for p in sorted((tmp_path / run / "metadata").glob("*.parquet")))
+        for run in ("one", "two")
+    )
+    assert list(one["key"]) == list(two["key"]) and len(one) == 11
+    assert [list(x) for x in one["topk_labels"]] == [list(x) for x in two["topk_labels"]]
+    np.testing.assert_allclose(np.stack(one["topk_probs"]), np.stack(two["topk_probs"]), atol=1e-6)

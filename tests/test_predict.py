@@ -215,3 +215,56 @@ def test_pair_mode_scores_and_threshold(tmp_path, tiny_config, tiny_checkpoint, 
     with pytest.raises(ValueError, match="use it with --mode pair or both"):
         setup(model=ModelArgs(config=str(tiny_config)), data=data, output=OutputArgs(dir=str(tmp_path / "x")),
               mode="image", accelerator="cpu", threshold=0.2)  # fmt: skip
+
+
+def zeroshot_reference(config, checkpoint, images, names, templates, k):
+    """Plain open_clip: mean of normalised prompt embeddings per class, softmax(scale * image @ W.T)."""
+    open_clip.add_model_config(config)
+    model, _, preprocess = open_clip.create_model_and_transforms("tiny-clip", pretrained=str(checkpoint))
+    tokenizer = open_clip.get_tokenizer("tiny-clip")
+    with torch.no_grad():
+        weights = []
+        for name in names:
+            prompts = torch.nn.functional.normalize(
+                model.encode_text(tokenizer([t.format(name) for t in templates])), dim=-1
+            )
+            weights.append(torch.nn.functional.normalize(prompts.mean(0), dim=-1))
+        image = torch.nn.functional.normalize(
+            model.encode_image(torch.stack([preprocess(i) for i in images])), dim=-1
+        )
+        probs = (model.logit_scale.exp() * image @ torch.stack(weights).T).softmax(-1).numpy()
+    order = np.argsort(-probs, axis=1)[:, :k]
+    return [[names[i] for i in row] for row in order], np.take_along_axis(probs, order, axis=1)
+
+
+def test_zeroshot_mode_matches_open_clip(tmp_path, tiny_config, tiny_checkpoint, image_folder):
+    from clip_fabric.config import ZeroShotArgs
+
+    names = ["cat", "dog", "red car", "mountain", "thing number one", "bowl of soup", "tree"]
+    (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
+    templates = ["a photo of a {}.", "a drawing of a {}.", "{}"]
+    (tmp_path / "templates.txt").write_text("\n".join(templates))
+    out = tmp_path / "out"
+    setup(
+        model=ModelArgs(config=str(tiny_config), pretrained=str(tiny_checkpoint)),
+        data=DataArgs(format="folder", source=str(image_folder), batch_size=4, num_workers=0),
+        output=OutputArgs(dir=str(out), dtype="float32"),
+        mode="zeroshot",
+        accelerator="cpu",
+        zeroshot=ZeroShotArgs(str(tmp_path / "classes.txt"), str(tmp_path / "templates.txt"), top_k=3),
+    )
+    meta = pd.read_parquet(out / "metadata" / "metadata_0.parquet")
+    labels, probs = zeroshot_reference(
+        tiny_config, tiny_checkpoint, [Image.open(image_folder / k) for k in meta["key"]], names, templates, 3
+    )
+    assert [list(x) for x in meta["topk_labels"]] == labels and list(meta["label"]) == [
+        row[0] for row in labels
+    ]
+    np.testing.assert_allclose(np.stack(meta["topk_probs"]), probs, atol=1e-5)
+    assert len(read_output(out)[1]) == 11  # the image embeddings are written too
+    with pytest.raises(ValueError, match="top_k 9 exceeds the 7 class names"):
+        setup(
+            model=ModelArgs(config=str(tiny_config)), data=DataArgs(),
+            output=OutputArgs(dir=str(tmp_path / "x")), mode="zeroshot", accelerator="cpu",
+            zeroshot=ZeroShotArgs(str(tmp_path / "classes.txt"), top_k=9),
+        )  # fmt: skip
