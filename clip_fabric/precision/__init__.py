@@ -1,0 +1,65 @@
+"""Precision by name (``--precision``): Fabric plugin objects for inference, and the ``auto`` choice made
+from the GPU architecture."""
+
+from __future__ import annotations
+
+import torch
+from lightning.fabric.plugins.precision import Precision
+
+from clip_fabric.precision.fp8 import MIN_FP8_CAPABILITY, build_fp8
+from clip_fabric.precision.plugins import Fp32NormsHalfPrecision, Fp32NormsMixedPrecision, Fp32Precision
+
+PRECISIONS = ("32-true", "16-mixed", "16-true", "bf16-mixed", "bf16-true", "fp8", "auto")
+# Measured on an H100 (docs/precision.md, /work/shared/BASELINE.md): FP8 was not faster than bf16 for
+# CLIP towers, so ``auto`` does not pick it. Set True only after measuring the opposite.
+FP8_MEASURED_FASTER = False
+
+
+def device_capability(accelerator: str = "auto") -> tuple[tuple[int, int] | None, str]:
+    """(compute capability, name) of the GPU this process will use; (None, "cpu") without one."""
+    if accelerator == "cpu" or not torch.cuda.is_available():
+        return None, "cpu"
+    return torch.cuda.get_device_capability(), torch.cuda.get_device_name()
+
+
+def choose_auto(capability: tuple[int, int] | None, device_name: str = "") -> tuple[str, bool, str]:
+    """``--precision auto`` as a pure function of the GPU: (precision, tf32, why)."""
+    gpu = f"{device_name} (sm_{capability[0]}{capability[1]})" if capability else device_name or "CPU"
+    if capability is None:
+        return "32-true", False, "no CUDA GPU: float32 (CPU half precision is slower, not faster)"
+    if capability < (7, 0):
+        return "32-true", False, f"{gpu} has no tensor cores: float32"
+    if capability < (8, 0):
+        # V100 (7.0) and T4 (7.5): fp16 tensor cores, no bf16.
+        return "16-mixed", False, f"{gpu} has fp16 tensor cores and no bf16: 16-mixed with fp32 norms"
+    if capability >= MIN_FP8_CAPABILITY and FP8_MEASURED_FASTER:
+        return "fp8", True, f"{gpu} has FP8 tensor cores and FP8 was measured faster than bf16"
+    why = f"{gpu} has bf16 tensor cores: bf16-mixed with fp32 norms, TF32 for the float32 work"
+    if capability >= MIN_FP8_CAPABILITY:
+        why += "; FP8 not chosen: it was not measured faster than bf16 (docs/precision.md)"
+    return "bf16-mixed", True, why
+
+
+def build_precision(name: str, tf32: bool = False, accelerator: str = "auto") -> Precision:
+    """The Fabric precision plugin for ``--precision name`` (pass it as ``Fabric(plugins=...)``).
+
+    ``auto`` resolves with ``choose_auto`` on this process's GPU and prints why; it turns TF32 on where
+    it chooses so. ``fp8`` raises a one-line ValueError where the GPU or the packages cannot run it.
+    """
+    if name not in PRECISIONS:
+        raise ValueError(f"--precision {name!r} is not one of {', '.join(PRECISIONS)}")
+    capability, device_name = device_capability(accelerator)
+    if name == "auto":
+        name, auto_tf32, why = choose_auto(capability, device_name)
+        tf32 = tf32 or auto_tf32
+        print(f"clip_fabric: --precision auto chose {name}{' + TF32' if tf32 else ''}: {why}")
+    if name == "32-true":
+        return Fp32Precision(tf32)
+    if name in ("16-mixed", "bf16-mixed"):
+        return Fp32NormsMixedPrecision(name, "cpu" if capability is None else "cuda", tf32)
+    if name == "16-true":
+        return Fp32NormsHalfPrecision("16-true", fp32_norms=True, tf32=tf32)
+    if name == "bf16-true":
+        # Pure bf16, as Fabric's own: bf16 has float32's range, and pure half is the fast path.
+        return Fp32NormsHalfPrecision("bf16-true", fp32_norms=False, tf32=tf32)
+    return build_fp8(capability, device_name, tf32)
