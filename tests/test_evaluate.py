@@ -50,14 +50,19 @@ def embed(model, preprocess, tokenizer, images: list[bytes] = (), texts: list[st
     return feats / np.linalg.norm(feats, axis=-1, keepdims=True)
 
 
-def reference_zeroshot(config, checkpoint, images: list[bytes], labels: list[int], names, templates) -> dict:
+def reference_logits(config, checkpoint, images: list[bytes], names, templates) -> np.ndarray:
+    """Image embeddings against each class's mean prompt embedding (renormalised), as in CLIP's paper."""
     model, preprocess, tokenizer = reference_model(config, checkpoint)
     weights = []
     for name in names:
         per_template = embed(model, preprocess, tokenizer, texts=[t.format(name) for t in templates])
         mean = per_template.mean(0)
         weights.append(mean / np.linalg.norm(mean))
-    logits = embed(model, preprocess, tokenizer, images=images) @ np.stack(weights).T
+    return embed(model, preprocess, tokenizer, images=images) @ np.stack(weights).T
+
+
+def reference_zeroshot(config, checkpoint, images: list[bytes], labels: list[int], names, templates) -> dict:
+    logits = reference_logits(config, checkpoint, images, names, templates)
     own = logits[np.arange(len(labels)), labels]
     rank = (logits > own[:, None]).sum(1)
     return {"top1": float(np.mean(rank < 1)), "top5": float(np.mean(rank < 5))}
@@ -78,17 +83,12 @@ def reference_retrieval(config, checkpoint, images: list[bytes], captions: list[
 
 @pytest.fixture
 def class_folder(tmp_path):
-    """18 images, 3 in each of 6 class sub-folders."""
-    root, images, labels = tmp_path / "classes", [], []
-    for i in range(18):
-        (root / CLASSES[i % 6]).mkdir(parents=True, exist_ok=True)
-        data = jpeg_bytes(100 + i, (48, 40))
-        (root / CLASSES[i % 6] / f"img{i:02d}.jpg").write_bytes(data)
-    for name in CLASSES:  # the order evaluate reads them: sorted keys
-        for path in sorted((root / name).iterdir()):
-            images.append(path.read_bytes())
-            labels.append(CLASSES.index(name))
-    return root, images, labels
+    """6 images, one in each of 6 class sub-folders."""
+    root = tmp_path / "classes"
+    for i, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        (root / name / f"img{i:02d}.jpg").write_bytes(jpeg_bytes(100 + i, (48, 40)))
+    return root
 
 
 @pytest.fixture
@@ -98,10 +98,18 @@ def template_file(tmp_path):
     return path
 
 
-def test_zeroshot_folder_one_process_matches_numpy(
-    tmp_path, tiny_config, tiny_checkpoint, class_folder, template_file
-):
-    root, images, labels = class_folder
+def test_zeroshot_folder_one_process_matches_numpy(tmp_path, tiny_config, tiny_checkpoint, template_file):
+    # Random weights score near chance; so that a wrong label or class order shows, image i goes into the
+    # folder of the class at place i % 6 of its reference ranking: 3 of 18 top-1 hits, 15 top-5 hits.
+    images = [jpeg_bytes(300 + i, (48, 40)) for i in range(18)]
+    order = np.argsort(-reference_logits(tiny_config, tiny_checkpoint, images, CLASSES, TEMPLATES), axis=1)
+    labels = [int(order[i, i % 6]) for i in range(18)]
+    assert set(labels) == set(range(6)), "every class needs a sub-folder: pick other image seeds"
+    root = tmp_path / "classes"
+    for i, (data, label) in enumerate(zip(images, labels, strict=True)):
+        (root / CLASSES[label]).mkdir(parents=True, exist_ok=True)
+        (root / CLASSES[label] / f"img{i:02d}.jpg").write_bytes(data)
+
     report = setup(
         model=ModelArgs(config=str(tiny_config), pretrained=str(tiny_checkpoint)),
         data=DataArgs(format="folder", source=str(root), batch_size=4, shard_size=5, num_workers=0),
@@ -112,6 +120,7 @@ def test_zeroshot_folder_one_process_matches_numpy(
     )
 
     expected = reference_zeroshot(tiny_config, tiny_checkpoint, images, labels, CLASSES, TEMPLATES)
+    assert expected == pytest.approx({"top1": 3 / 18, "top5": 15 / 18})
     assert report["metrics"] == pytest.approx(expected, abs=1e-6)
     assert report["counts"] == {"samples": 18, "skipped": 0, "classes": 6}
     assert json.loads((tmp_path / "eval.json").read_text())["metrics"] == report["metrics"]
@@ -122,14 +131,18 @@ def test_zeroshot_folder_one_process_matches_numpy(
 def test_zeroshot_webdataset_two_processes_matches_numpy(
     tmp_path, tiny_config, tiny_checkpoint, template_file
 ):
-    images, labels, index = [], [], 0
+    # Random weights score near chance; so that a wrong label or class order shows, each label is picked
+    # to sit at a planned place in the reference ranking: first (a top-1 hit), third (top-5 only) or last.
+    images = [jpeg_bytes(200 + i, (40, 40)) for i in range(11)]
+    order = np.argsort(-reference_logits(tiny_config, tiny_checkpoint, images, CLASSES, TEMPLATES), axis=1)
+    labels = [int(order[i, (0, 2, 5)[i % 3]]) for i in range(11)]
+    index = 0
     for shard, count in enumerate((7, 4)):
         samples = []
         for _ in range(count):
-            data = jpeg_bytes(200 + index, (40, 40))
-            samples.append({"__key__": f"k{index:04d}", "jpg": data, "cls": str(index % 6).encode()})
-            images.append(data)
-            labels.append(index % 6)
+            samples.append(
+                {"__key__": f"k{index:04d}", "jpg": images[index], "cls": str(labels[index]).encode()}
+            )
             index += 1
         if shard == 0:
             samples.append({"__key__": "broken", "jpg": b"not an image", "cls": b"0"})
@@ -146,6 +159,7 @@ def test_zeroshot_webdataset_two_processes_matches_numpy(
     )  # fmt: skip
 
     expected = reference_zeroshot(tiny_config, tiny_checkpoint, images, labels, CLASSES, TEMPLATES)
+    assert expected == pytest.approx({"top1": 4 / 11, "top5": 8 / 11})
     assert report["metrics"] == pytest.approx(expected, abs=1e-6)
     assert report["counts"] == {"samples": 11, "skipped": 1, "classes": 6}
     assert report["world_size"] == 2
@@ -215,7 +229,7 @@ def _setup(tmp_path, tiny_config, data: DataArgs, **kw):
     ],
 )
 def test_bad_input_is_refused_before_work(tmp_path, tiny_config, class_folder, wds_shards, case, message):
-    root = class_folder[0]
+    root = class_folder
     folder = DataArgs(format="folder", source=str(root), num_workers=0)
     kw: dict = {}
     data = folder
