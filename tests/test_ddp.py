@@ -4,12 +4,17 @@ as one process, whatever the world size."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import read_output, run_cli, write_tar
 
 from clip_fabric.__main__ import main
 
 pytestmark = pytest.mark.slow
+
+
+def metadata(out):
+    return pd.concat(pd.read_parquet(p) for p in sorted((out / "metadata").glob("*.parquet")))
 
 
 def predict_cli(out, config, checkpoint, devices, *args):
@@ -87,6 +92,9 @@ def test_hybrid_pairs_write_the_same_rows(
         hybrid, hybrid_keys = read_output(tmp_path / "hybrid", tower)
         assert one_keys == hybrid_keys == [f"s{i:05d}" for i in range(12)]
         np.testing.assert_allclose(one, hybrid, atol=1e-6)
+    np.testing.assert_allclose(
+        metadata(tmp_path / "one")["similarity"], metadata(tmp_path / "hybrid")["similarity"], atol=1e-6
+    )
 
 
 def test_hybrid_refuses_an_odd_world_before_starting(tmp_path, tiny_config):
@@ -104,19 +112,21 @@ def test_hybrid_refuses_an_odd_world_before_starting(tmp_path, tiny_config):
 def test_tensor_parallel_vision_tower_writes_the_same_rows(
     tmp_path, tiny_config, tiny_checkpoint, wds_shards, layout
 ):
+    (tmp_path / "classes.txt").write_text("cat\ndog\ncar\nbird\n")
     data = ["--data.format", "webdataset", "--data.source", str(tmp_path / "shard-{000000..000002}.tar"),
-            "--data.batch_size", "3", "--mode", "both"]  # fmt: skip
+            "--data.batch_size", "3", "--mode", "zeroshot", "--zeroshot.templates", "simple",
+            "--zeroshot.class_names", str(tmp_path / "classes.txt"), "--zeroshot.top_k", "2"]  # fmt: skip
     predict_cli(tmp_path / "one", tiny_config, tiny_checkpoint, 1, *data)
     devices = layout[1]
     result = predict_cli(tmp_path / "tp", tiny_config, tiny_checkpoint, devices, *data, *layout[2:],
                          "--strategy", "tensor_parallel")  # fmt: skip
 
     assert "12 rows" in result.stdout and "this run 12 rows" in result.stdout
-    for tower in ("img_emb", "text_emb"):
-        one, one_keys = read_output(tmp_path / "one", tower)
-        tp, tp_keys = read_output(tmp_path / "tp", tower)
-        assert one_keys == tp_keys == [f"s{i:05d}" for i in range(12)]
-        assert np.all(1 - (one.astype(np.float64) * tp).sum(-1) < 1e-5)
+    one, one_keys = read_output(tmp_path / "one")
+    tp, tp_keys = read_output(tmp_path / "tp")
+    assert one_keys == tp_keys == [f"s{i:05d}" for i in range(12)]
+    assert np.all(1 - (one.astype(np.float64) * tp).sum(-1) < 1e-5)
+    assert list(metadata(tmp_path / "one")["label"]) == list(metadata(tmp_path / "tp")["label"])
 
 
 def test_zeroshot_classifier_sharded_over_ranks(tmp_path, tiny_config, tiny_checkpoint, image_folder):
@@ -127,12 +137,7 @@ def test_zeroshot_classifier_sharded_over_ranks(tmp_path, tiny_config, tiny_chec
     predict_cli(tmp_path / "one", tiny_config, tiny_checkpoint, 1, *data)
     predict_cli(tmp_path / "two", tiny_config, tiny_checkpoint, 2, *data)
 
-    import pandas as pd
-
-    one, two = (
-        pd.concat(pd.read_parquet(p) for p in sorted((tmp_path / run / "metadata").glob("*.parquet")))
-        for run in ("one", "two")
-    )
+    one, two = metadata(tmp_path / "one"), metadata(tmp_path / "two")
     assert list(one["key"]) == list(two["key"]) and len(one) == 11
     assert [list(x) for x in one["topk_labels"]] == [list(x) for x in two["topk_labels"]]
     np.testing.assert_allclose(np.stack(one["topk_probs"]), np.stack(two["topk_probs"]), atol=1e-6)
