@@ -24,6 +24,7 @@ from clip_fabric.config import DataArgs, ModelArgs
 from clip_fabric.data import Source, build_source
 from clip_fabric.data.decode import CpuDecoder
 from clip_fabric.data.stream import ShardStream
+from clip_fabric.encode import SplittingEncoder
 from clip_fabric.model import Encoder, check_model, load_model
 from clip_fabric.strategies import build_strategy, data_parallel, writes
 from clip_fabric.zeroshot import build_classifier, load_class_names, load_templates
@@ -127,7 +128,10 @@ def main(
     config: dict,
 ) -> dict:
     model, preprocess, tokenizer = load_model(model_args)
-    encoder = fabric.setup_module(Encoder(model, frozenset({"image", "text"})))
+    # Split like predict's, so a batch that runs out of memory is retried in halves, not lost.
+    encoder = SplittingEncoder(
+        fabric.setup_module(Encoder(model, frozenset({"image", "text"}))), data.batch_size
+    )
     shards = source.shards()
     split = data_parallel(fabric.strategy, fabric.global_rank, fabric.world_size)
     mine = shards[split[0] :: split[1]] if split else []
@@ -184,9 +188,9 @@ def _zeroshot(fabric, encoder, tokenizer, loader, classes, templates, data, coun
     class_index = {name: i for i, name in enumerate(classes)}
     samples = errors = 0
     for batch in loader:
+        errors += len(batch["errors"]) * counts
         progress.update(len(batch["rows"]))
         if not batch["rows"]:
-            errors += len(batch["errors"]) * counts
             continue
         labels = torch.tensor([_label(row, class_index) for row in batch["rows"]], device=fabric.device)
         # Every rank encodes (tensor-parallel ranks compute each batch together); only counting ones count.
@@ -195,9 +199,9 @@ def _zeroshot(fabric, encoder, tokenizer, loader, classes, templates, data, coun
             for metric in accuracy.values():
                 metric.update(images @ weights.T, labels)
             samples += len(labels)
-            errors += len(batch["errors"])
+    samples, errors = _sum(fabric, samples, errors)
     metrics = {f"top{k}": _value(accuracy[f"top{k}"]) if f"top{k}" in accuracy else None for k in TOP_K}
-    return metrics, *_sum(fabric, samples, errors)
+    return metrics, samples, errors
 
 
 def _retrieval(fabric, encoder, loader, counts, progress):
@@ -214,6 +218,7 @@ def _retrieval(fabric, encoder, loader, counts, progress):
         if counts:
             images.append(out["image"].to(fabric.device))
             texts.append(out["text"].to(fabric.device))
+    samples, errors = _sum(fabric, sum(len(x) for x in images), errors)
     all_images, first = _gather_rows(fabric, images)
     all_texts, _ = _gather_rows(fabric, texts)
     local = slice(first, first + sum(len(x) for x in images))
@@ -227,7 +232,6 @@ def _retrieval(fabric, encoder, loader, counts, progress):
             metric = recall[f"{direction}_R@{k}"] = MeanMetric().to(fabric.device)
             if len(ranks):
                 metric.update((ranks < k).float())
-    samples, errors = _sum(fabric, local.stop - local.start, errors)
     return {name: _value(metric) for name, metric in recall.items()}, samples, errors
 
 
@@ -309,14 +313,17 @@ def _class_names(source: Source, data: DataArgs, spec: str | None) -> list[str]:
 
 
 def _sum(fabric: Fabric, samples: int, errors: int) -> tuple[int, int]:
+    """Samples and skipped samples over all ranks; every rank stops alike when there is nothing to measure."""
     total = fabric.all_reduce(torch.tensor([samples, errors], device=fabric.device), reduce_op="sum")
-    return int(total[0]), int(total[1])
+    samples, errors = int(total[0]), int(total[1])
+    if samples == 0:
+        raise ValueError(f"no sample of --data.source could be read ({errors} skipped): nothing to evaluate")
+    return samples, errors
 
 
-def _value(metric: Metric) -> float | None:
-    """The metric over all ranks (torchmetrics syncs its states at ``compute``); None if no sample."""
-    value = float(metric.compute())
-    return None if value != value else round(value, 6)  # NaN: nothing was counted
+def _value(metric: Metric) -> float:
+    """The metric over all ranks: torchmetrics syncs its states at ``compute``."""
+    return round(float(metric.compute()), 6)
 
 
 def format_table(report: dict) -> str:

@@ -262,3 +262,10 @@ def test_label_out_of_range_names_the_sample(tmp_path, tiny_config):
     data = DataArgs(format="webdataset", source=str(tmp_path / "bad.tar"), num_workers=0)
     with pytest.raises(ValueError, match=r"sample x1: cls '7' is not a class index in 0..1"):
         _setup(tmp_path, tiny_config, data, class_names=str(names), templates="simple")
+
+
+def test_nothing_readable_is_an_error_not_a_zero(tmp_path, tiny_config):
+    write_tar(tmp_path / "broken.tar", [{"__key__": "x1", "jpg": b"not an image", "txt": b"a caption"}])
+    data = DataArgs(format="webdataset", source=str(tmp_path / "broken.tar"), num_workers=0)
+    with pytest.raises(ValueError, match=r"no sample of --data.source could be read \(1 skipped\)"):
+        _setup(tmp_path, tiny_config, data, task="retrieval")
