@@ -98,7 +98,10 @@ def template_file(tmp_path):
     return path
 
 
-def test_zeroshot_folder_one_process_matches_numpy(tmp_path, tiny_config, tiny_checkpoint, template_file):
+@pytest.mark.parametrize(("strategy", "devices"), [("auto", 1), ("model_parallel", 2)])
+def test_zeroshot_folder_one_process_matches_numpy(
+    tmp_path, tiny_config, tiny_checkpoint, template_file, strategy, devices
+):
     # Random weights score near chance; so that a wrong label or class order shows, image i goes into the
     # folder of the class at place i % 6 of its reference ranking: 3 of 18 top-1 hits, 15 top-5 hits.
     images = [jpeg_bytes(300 + i, (48, 40)) for i in range(18)]
@@ -117,6 +120,8 @@ def test_zeroshot_folder_one_process_matches_numpy(tmp_path, tiny_config, tiny_c
         templates=str(template_file),
         output=str(tmp_path / "eval.json"),
         accelerator="cpu",
+        strategy=strategy,
+        devices=devices,
     )
 
     expected = reference_zeroshot(tiny_config, tiny_checkpoint, images, labels, CLASSES, TEMPLATES)
@@ -124,7 +129,7 @@ def test_zeroshot_folder_one_process_matches_numpy(tmp_path, tiny_config, tiny_c
     assert report["metrics"] == pytest.approx(expected, abs=1e-6)
     assert report["counts"] == {"samples": 18, "skipped": 0, "classes": 6}
     assert json.loads((tmp_path / "eval.json").read_text())["metrics"] == report["metrics"]
-    assert report["world_size"] == 1 and report["precision"] == "32-true"
+    assert report["world_size"] == 1 and report["precision"] == "32-true" and report["strategy"] == strategy
 
 
 @pytest.mark.slow
