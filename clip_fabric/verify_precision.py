@@ -1,0 +1,205 @@
+"""``verify-precision``: the same inputs through float32 and lower precisions; how far the embeddings and
+zero-shot labels move, and what the speed and memory gain is."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from lightning.fabric import Fabric
+from lightning.fabric.plugins.precision import Precision
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from clip_fabric.config import DataArgs, ModelArgs, ZeroShotArgs
+from clip_fabric.data import build_source
+from clip_fabric.data.decode import CpuDecoder
+from clip_fabric.data.stream import ShardStream
+from clip_fabric.model import Encoder, check_model, load_model
+from clip_fabric.precision import Fp32Precision, build_precision, choose_auto, device_capability
+from clip_fabric.zeroshot import build_classifier, load_class_names, load_templates
+
+COLUMNS = (
+    ("precision", "{}"),
+    ("image_cos_mean", "{:.7f}"),
+    ("image_cos_min", "{:.7f}"),
+    ("text_cos_mean", "{:.7f}"),
+    ("text_cos_min", "{:.7f}"),
+    ("top1_agreement", "{:.4f}"),
+    ("speed_ratio", "{:.2f}"),
+    ("images_per_s", "{:.0f}"),
+    ("texts_per_s", "{:.0f}"),
+    ("peak_memory_mb", "{:.0f}"),
+)
+
+
+def setup(
+    model: ModelArgs = ModelArgs(),
+    data: DataArgs = DataArgs(num_samples=512, batch_size=128, num_workers=2),
+    precision: str = "auto",
+    tf32: bool = False,
+    accelerator: str = "auto",
+    zeroshot: ZeroShotArgs = ZeroShotArgs(templates="simple"),
+    output: str | None = None,
+) -> dict:
+    """Run the same images and captions through float32 (TF32 off) and each precision asked for, and report
+    the mean/min cosine similarity of their image and text embeddings, zero-shot top-1 agreement, the speed
+    ratio (float32 time / this precision's time) and peak GPU memory.
+
+    Args:
+        model: The open_clip model and its weights.
+        data: The inputs (synthetic images and captions by default); all are decoded once, before timing.
+        precision: One name or several, comma-separated: ``32-true``, ``16-mixed``, ``16-true``,
+            ``bf16-mixed``, ``bf16-true``, ``fp8``, ``auto``.
+        tf32: TF32 matmuls in the precisions compared (never in the float32 reference).
+        accelerator: ``cpu``, ``cuda`` or ``auto``; one device.
+        zeroshot: Classes and prompt templates of the zero-shot classifier whose labels are compared.
+        output: Also write the report as JSON to this path.
+
+    Returns:
+        The report: model, device, input counts and one row per precision.
+    """
+    names = [name.strip() for name in precision.split(",") if name.strip()]
+    if not names:
+        raise ValueError("--precision is empty: give one name or several, comma-separated")
+    # Every plugin is built before any work, so an impossible one (fp8 on an A100) fails at once.
+    plugins = {name: build_precision(name, tf32, accelerator) for name in names}
+    check_model(model)
+    class_names, templates = load_class_names(zeroshot.class_names), load_templates(zeroshot.templates)
+
+    clip, preprocess, tokenizer = load_model(model)
+    images, texts = _decode_inputs(data, preprocess, tokenizer)
+    classes = (tokenizer, class_names, templates, data.batch_size)
+
+    reference = _measure(Fp32Precision(tf32=False), accelerator, clip, images, texts, classes)
+    capability, device_name = device_capability(accelerator)
+    rows = []
+    for name, plugin in plugins.items():
+        got = _measure(plugin, accelerator, clip, images, texts, classes)
+        resolved = choose_auto(capability, device_name)[0] if name == "auto" else name
+        rows.append(_compare(resolved if name != "auto" else f"auto={resolved}", reference, got))
+    report = {
+        "model": model.name,
+        "pretrained": model.pretrained,
+        "device": device_name,
+        "capability": list(capability) if capability else None,
+        "tf32": tf32,
+        "num_images": sum(len(b) for b in images),
+        "num_texts": sum(len(b) for b in texts),
+        "num_classes": len(class_names),
+        "reference": {k: reference[k] for k in ("images_per_s", "texts_per_s", "peak_memory_mb")},
+        "rows": rows,
+    }
+    print(format_table(report))
+    if output is not None:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def format_table(report: dict) -> str:
+    """The report as a Markdown table, float32 reference first."""
+    ref = report["reference"] | {"precision": "32-true (reference)", "speed_ratio": 1.0}
+    lines = [
+        f"{report['model']} on {report['device']}: {report['num_images']} images, {report['num_texts']} "
+        f"captions, {report['num_classes']} classes",
+        "| " + " | ".join(c for c, _ in COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    for row in [ref, *report["rows"]]:
+        cells = [fmt.format(row[c]) if row.get(c) is not None else "-" for c, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _decode_inputs(data: DataArgs, preprocess: Callable, tokenizer: Callable) -> tuple[list, list]:
+    """All batches of images and captions of ``data``, decoded once so that timing sees only the model."""
+    source = build_source(data)
+    shards = source.shards()
+    stream = ShardStream(
+        source, shards, CpuDecoder(preprocess, tokenizer, data.max_image_pixels), data.batch_size, True, True
+    )
+    loader = DataLoader(stream, batch_size=None, num_workers=min(data.num_workers, len(shards)))
+    images, texts = [], []
+    for batch in loader:
+        if batch["images"] is not None:
+            images.append(batch["images"])
+        if batch["texts"] is not None:
+            texts.append(batch["texts"])
+    if not images or not texts:
+        raise ValueError("verify-precision needs images with captions: the source yielded none")
+    return images, texts
+
+
+def _measure(
+    plugin: Precision,
+    accelerator: str,
+    clip: nn.Module,
+    images: list[Tensor],
+    texts: list[Tensor],
+    classes: tuple,
+) -> dict:
+    """Embeddings, zero-shot labels, throughput and peak memory of ``clip`` under ``plugin``."""
+    fabric = Fabric(accelerator=accelerator, devices=1, plugins=plugin)
+    # A copy per precision: the plugins convert the module in place.
+    encoder = fabric.setup_module(Encoder(copy.deepcopy(clip)))
+    cuda = fabric.device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()  # the previous precision's copy is gone; its cached blocks go too
+    with torch.inference_mode():
+        # Warm-up on a full batch: kernel selection and lazy initialisation are not timed.
+        encoder(images=fabric.to_device(images[0]), texts=fabric.to_device(texts[0]))
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        image_emb, image_s = _timed(fabric, lambda b: encoder(images=b)["image"], images)
+        text_emb, text_s = _timed(fabric, lambda b: encoder(texts=b)["text"], texts)
+        # Each precision builds its own classifier, as a run in that precision would.
+        weights = build_classifier(
+            lambda tokens: encoder(texts=fabric.to_device(tokens))["text"].cpu(), *classes
+        )
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    return {
+        "image": image_emb,
+        "text": text_emb,
+        "labels": (image_emb @ weights.T).argmax(-1),
+        "seconds": image_s + text_s,
+        "images_per_s": len(image_emb) / image_s,
+        "texts_per_s": len(text_emb) / text_s,
+        "peak_memory_mb": peak,
+    }
+
+
+def _timed(fabric: Fabric, encode: Callable[[Tensor], Tensor], batches: list[Tensor]) -> tuple[Tensor, float]:
+    """Encode all batches; seconds from the first copy to the device to the last result on the host."""
+    cuda = fabric.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = [encode(fabric.to_device(b)) for b in batches]
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return torch.cat([o.float().cpu() for o in out]), seconds
+
+
+def _compare(name: str, reference: dict, got: dict) -> dict:
+    """One report row: how far ``got`` is from the float32 ``reference``."""
+    image_cos = (reference["image"].double() * got["image"].double()).sum(-1)
+    text_cos = (reference["text"].double() * got["text"].double()).sum(-1)
+    return {
+        "precision": name,
+        "image_cos_mean": image_cos.mean().item(),
+        "image_cos_min": image_cos.min().item(),
+        "text_cos_mean": text_cos.mean().item(),
+        "text_cos_min": text_cos.min().item(),
+        "top1_agreement": (reference["labels"] == got["labels"]).double().mean().item(),
+        "speed_ratio": reference["seconds"] / got["seconds"],
+        "images_per_s": got["images_per_s"],
+        "texts_per_s": got["texts_per_s"],
+        "peak_memory_mb": got["peak_memory_mb"],
+    }
