@@ -39,7 +39,8 @@ def load_templates(spec: str) -> list[Template]:
         return list(BUILTIN_TEMPLATES[spec])
     lines = _read_lines(spec, "--templates", BUILTIN_TEMPLATES)
     for number, line in enumerate(lines, 1):
-        if line.count("{}") != 1 or line.replace("{}", "").count("{") or line.replace("{}", "").count("}"):
+        rest = line.replace("{}", "", 1)
+        if "{}" not in line or "{" in rest or "}" in rest:  # str.format would fail or drop the name
             raise ValueError(
                 f"--templates {spec} line {number} {line!r}: each template needs exactly one {{}} where the "
                 "class name goes, and no other braces"
