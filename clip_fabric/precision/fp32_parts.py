@@ -70,7 +70,7 @@ class Fp32Projection(nn.Linear):
             return F.linear(x.float(), self.weight, self.bias)
 
     def __rmatmul__(self, x: Tensor) -> Tensor:
-        return self.forward(x)
+        return self(x)  # through __call__, so module hooks see it as they see any layer
 
 
 def keep_fp32(model: nn.Module) -> list[str]:

@@ -1,0 +1,231 @@
+"""Precision plugins: which modules end up in which dtype, ``auto`` per GPU architecture, FP8 errors, and
+the verify-precision command on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clip_fabric import precision as prec
+from clip_fabric import verify_precision
+from clip_fabric.config import DataArgs, ModelArgs, ZeroShotArgs
+from clip_fabric.precision.fp32_parts import Fp32LayerNorm, Fp32Projection
+from clip_fabric.precision.plugins import Fp32NormsHalfPrecision, Fp32NormsMixedPrecision, Fp32Precision
+
+
+@pytest.fixture
+def tiny_model(tiny_config) -> nn.Module:
+    open_clip.add_model_config(tiny_config)
+    torch.manual_seed(0)
+    return open_clip.create_model("tiny-clip").eval().requires_grad_(False)
+
+
+def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    return torch.randn(4, 3, 32, 32), torch.randint(1, 49000, (4, 16))
+
+
+def embed(model: nn.Module, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        F.normalize(model.encode_image(images).float(), dim=-1),
+        F.normalize(model.encode_text(texts).float(), dim=-1),
+    )
+
+
+def record_output_dtypes(model: nn.Module, names: list[str]) -> dict[str, torch.dtype]:
+    seen = {}
+    for name in names:
+        module = model.get_submodule(name)
+        module.register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(name, out.dtype))
+    return seen
+
+
+PROBES = ["visual.proj", "text_projection", "visual.ln_post", "ln_final", "transformer.resblocks.0.ln_1"]
+LINEAR = "transformer.resblocks.0.mlp.c_fc"
+
+
+def test_16_mixed_runs_fp16_with_fp32_norms_and_projections(tiny_model):
+    images, texts = inputs()
+    with torch.inference_mode():
+        reference = embed(tiny_model, images, texts)
+    plugin = prec.build_precision("16-mixed", accelerator="cpu")
+    assert isinstance(plugin, Fp32NormsMixedPrecision) and plugin.scaler is None
+    model = plugin.convert_module(tiny_model)
+
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    assert norms and all(isinstance(m, Fp32LayerNorm) for m in norms)
+    assert isinstance(model.visual.proj, Fp32Projection) and isinstance(model.text_projection, Fp32Projection)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # mixed: weights are not lowered
+
+    seen = record_output_dtypes(model, [*PROBES, LINEAR])
+    with torch.inference_mode(), plugin.forward_context():
+        got = embed(model, images, texts)
+    assert seen[LINEAR] == torch.float16  # autocast is on: the blocks compute in fp16 ...
+    # ... while the final norms and both projections produce float32 before any cast.
+    assert seen["visual.proj"] == seen["text_projection"] == torch.float32
+    assert seen["visual.ln_post"] == seen["ln_final"] == torch.float32
+    for ref, out in zip(reference, got, strict=True):
+        assert (ref * out).sum(-1).min() > 0.9999
+
+
+def test_16_true_lowers_all_but_norms_and_projections(tiny_model):
+    plugin = prec.build_precision("16-true", accelerator="cpu")
+    assert isinstance(plugin, Fp32NormsHalfPrecision)
+    weights = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    model = plugin.convert_module(tiny_model)
+
+    assert model.get_submodule(LINEAR).weight.dtype == torch.float16
+    assert model.visual.conv1.weight.dtype == torch.float16
+    for module in model.modules():
+        if isinstance(module, (Fp32LayerNorm, Fp32Projection)):
+            assert all(p.dtype == torch.float32 for p in module.parameters())
+    # The float32 weights are the originals, not rounded through fp16 and back.
+    assert torch.equal(model.visual.proj.weight, weights["visual.proj"].T)
+    assert torch.equal(model.visual.ln_post.weight, weights["visual.ln_post.weight"])
+
+    seen = record_output_dtypes(model, [*PROBES, LINEAR])
+    images, texts = inputs()
+    with torch.inference_mode(), plugin.forward_context():
+        image, text = embed(model, plugin.convert_input(images), texts)
+    assert seen[LINEAR] == seen["transformer.resblocks.0.ln_1"] == torch.float16  # fits the next fp16 layer
+    assert seen["visual.proj"] == seen["text_projection"] == seen["ln_final"] == torch.float32
+    assert torch.isfinite(image).all() and torch.isfinite(text).all()
+
+
+def test_bf16_true_is_pure_bf16(tiny_model):
+    model = prec.build_precision("bf16-true", accelerator="cpu").convert_module(tiny_model)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not any(isinstance(m, (Fp32LayerNorm, Fp32Projection)) for m in model.modules())
+
+
+def test_tf32_switch_is_scoped():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    for tf32 in (True, False):
+        plugin = prec.build_precision("32-true", tf32=tf32, accelerator="cpu")
+        assert isinstance(plugin, Fp32Precision)
+        with plugin.forward_context():
+            assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    with prec.build_precision("bf16-mixed", tf32=True, accelerator="cpu").forward_context():
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize(
+    "capability, name, expected, tf32",
+    [
+        (None, "cpu", "32-true", False),
+        ((6, 0), "Tesla P100-PCIE-16GB", "32-true", False),
+        ((7, 0), "Tesla V100-SXM2-32GB", "16-mixed", False),
+        ((7, 5), "Tesla T4", "16-mixed", False),
+        ((8, 0), "NVIDIA A100-SXM4-80GB", "bf16-mixed", True),
+        ((8, 9), "NVIDIA L4", "bf16-mixed", True),
+        ((9, 0), "NVIDIA H100 80GB HBM3", "bf16-mixed", True),
+    ],
+)
+def test_auto_per_architecture(capability, name, expected, tf32):
+    choice, chosen_tf32, why = prec.choose_auto(capability, name)
+    assert (choice, chosen_tf32) == (expected, tf32)
+    assert why and "\n" not in why
+    if capability and capability >= (8, 9):
+        assert "FP8 not chosen" in why
+
+
+def test_auto_builds_from_the_device(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-80GB")
+    plugin = prec.build_precision("auto")
+    assert isinstance(plugin, Fp32NormsMixedPrecision)
+    assert (plugin.precision, plugin.device, plugin.tf32) == ("bf16-mixed", "cuda", True)
+    assert "auto chose bf16-mixed + TF32" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    assert prec.build_precision("auto").precision == "16-mixed"
+
+
+@pytest.mark.parametrize(
+    "capability, backend, message",
+    [
+        (None, None, "needs a CUDA GPU of capability 8.9"),
+        ((8, 0), "torchao", "GPU-X is sm_80: use --precision bf16-mixed"),
+        ((9, 0), None, "needs transformer_engine or torchao, neither is installed: pip install torchao"),
+    ],
+)
+def test_fp8_where_unavailable_fails_in_one_line(monkeypatch, capability, backend, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: capability is not None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "GPU-X")
+    monkeypatch.setattr(prec.fp8, "fp8_backend", lambda: backend)
+    with pytest.raises(ValueError, match=message.replace("+", r"\+")) as err:
+        prec.build_precision("fp8")
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="'fp16' is not one of 32-true, 16-mixed"):
+        prec.build_precision("fp16")
+
+
+def test_verify_precision_reports_fp32_against_half(tmp_path, tiny_config, tiny_checkpoint):
+    names = tmp_path / "classes.txt"
+    names.write_text("\n".join(f"thing {i}" for i in range(8)))
+    out = tmp_path / "report" / "precision.json"
+    report = verify_precision.setup(
+        model=ModelArgs(config=str(tiny_config), pretrained=str(tiny_checkpoint)),
+        data=DataArgs(num_samples=24, batch_size=8, num_workers=0, image_size=(40, 30)),
+        precision="16-mixed,bf16-true,auto",
+        accelerator="cpu",
+        zeroshot=ZeroShotArgs(class_names=str(names), templates="simple"),
+        output=str(out),
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert (report["num_images"], report["num_texts"], report["num_classes"]) == (24, 24, 8)
+    rows = {row["precision"]: row for row in report["rows"]}
+    assert list(rows) == ["16-mixed", "bf16-true", "auto=32-true"]
+    assert rows["16-mixed"]["image_cos_mean"] >= 0.9999 and rows["16-mixed"]["text_cos_mean"] >= 0.9999
+    assert rows["bf16-true"]["image_cos_mean"] >= 0.999 and rows["bf16-true"]["text_cos_mean"] >= 0.999
+    # bf16 rounds: not identical to float32, unlike float32 against itself.
+    assert rows["bf16-true"]["image_cos_min"] < 1 - 1e-6 < rows["auto=32-true"]["image_cos_min"]
+    assert rows["auto=32-true"]["top1_agreement"] == 1.0
+    assert all(row["speed_ratio"] > 0 and row["peak_memory_mb"] is None for row in rows.values())
+
+
+def test_verify_precision_fails_before_work_on_fp8(tiny_config):
+    with pytest.raises(ValueError, match="--precision fp8 needs"):
+        verify_precision.setup(
+            model=ModelArgs(config=str(tiny_config)), precision="bf16-mixed,fp8", accelerator="cpu"
+        )
+
+
+@pytest.mark.parametrize("name", ["16-mixed", "bf16-mixed", "16-true"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_half_keeps_projections_fp32(tiny_model, name):
+    images, texts = (t.cuda() for t in inputs())
+    model = tiny_model.cuda()
+    with torch.inference_mode():
+        reference = embed(model, images, texts)
+    plugin = prec.build_precision(name, accelerator="cuda")
+    model = plugin.convert_module(model)
+    seen = record_output_dtypes(model, [*PROBES, LINEAR])
+    with torch.inference_mode(), plugin.forward_context():
+        got = embed(model, plugin.convert_input(images), texts)
+    assert seen[LINEAR] == (torch.bfloat16 if name.startswith("bf16") else torch.float16)
+    assert seen["visual.proj"] == seen["text_projection"] == torch.float32
+    for ref, out in zip(reference, got, strict=True):
+        assert (ref * out).sum(-1).mean() > 0.999
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fp8_builds_or_says_why():
+    capability = torch.cuda.get_device_capability()
+    if capability >= (8, 9) and prec.fp8.fp8_backend() is not None:
+        assert prec.build_precision("fp8") is not None
+    else:
+        with pytest.raises(ValueError, match="--precision fp8 needs"):
+            prec.build_precision("fp8")
