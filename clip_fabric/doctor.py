@@ -1,0 +1,284 @@
+"""``doctor``: the environment checklist before a distributed run (GPUs, versions, torch.distributed and
+NCCL, the SLURM/torchrun variables, the rendezvous port, NCCL/InfiniBand settings); exit 1 on a blocker.
+
+Each check is a pure function returning ``Check`` values, so it is tested without GPUs or a cluster.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json as jsonlib
+import os
+import socket
+import sys
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+Status = Literal["ok", "warn", "fail"]
+SLURM_VARS = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_JOB_NUM_NODES", "SLURM_PROCID",
+              "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_RESTART_COUNT")  # fmt: skip
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+DEFAULT_PORT = 29500  # torchrun's default rendezvous port
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report: ``fail`` blocks a run, ``warn`` deserves a look."""
+
+    name: str
+    status: Status
+    detail: str
+    hint: str = ""
+
+
+def check_versions(versions: Mapping[str, str | None]) -> list[Check]:
+    """Versions of the stack; a missing package that predict imports is a blocker."""
+    checks = []
+    for name in ("python", "torch", "lightning", "open_clip_torch"):
+        version = versions.get(name)
+        checks.append(
+            Check(name, "ok", version)
+            if version
+            else Check(name, "fail", "not installed", f"pip install -e . (clip_fabric needs {name})")
+        )
+    cuda, nccl = versions.get("cuda"), versions.get("nccl")
+    checks.append(
+        Check("cuda (torch build)", "ok", cuda)
+        if cuda
+        else Check("cuda (torch build)", "warn", "torch is a CPU-only build", "install a CUDA wheel of torch")
+    )
+    checks.append(Check("nccl (torch build)", "ok" if nccl else "warn", nccl or "not built in"))
+    te = versions.get("transformer_engine")
+    checks.append(
+        Check("transformer_engine", "ok", te)
+        if te
+        else Check(
+            "transformer_engine", "warn", "not installed", "--precision transformer-engine is unavailable"
+        )
+    )
+    return checks
+
+
+def check_gpus(gpus: list[dict[str, Any]], require_gpu: bool = False) -> list[Check]:
+    """Each GPU's name, memory and compute capability, with the precision it supports.
+
+    ``gpus``: ``{"name", "memory_gb", "capability": (major, minor)}`` per device.
+    """
+    if not gpus:
+        return [
+            Check(
+                "gpus",
+                "fail" if require_gpu else "warn",
+                "no CUDA GPU visible",
+                "run on a GPU node (check CUDA_VISIBLE_DEVICES, nvidia-smi); or --accelerator cpu",
+            )
+        ]
+    checks = []
+    for index, gpu in enumerate(gpus):
+        major, minor = gpu["capability"]
+        bf16 = major >= 8  # Ampere (sm_80) and later; V100 (7.0) and T4 (7.5) have fp16 only
+        detail = f"{gpu['name']}, {gpu['memory_gb']:.1f} GB, compute capability {major}.{minor}"
+        hint = "" if bf16 else "no bf16: use --precision 16-mixed (docs/hardware.md)"
+        checks.append(Check(f"gpu {index}", "ok", detail + (", bf16" if bf16 else ", fp16 only"), hint))
+    if len({g["name"] for g in gpus}) > 1:
+        checks.append(
+            Check("gpus", "warn", "mixed GPU models on this node", "ranks run at the slowest's pace")
+        )
+    return checks
+
+
+def check_distributed(dist_available: bool, gloo: bool, nccl: bool, have_gpus: bool) -> list[Check]:
+    """Whether torch.distributed can start a process group here (gloo on CPU, NCCL on GPUs)."""
+    if not dist_available:
+        return [
+            Check("torch.distributed", "fail", "not available in this torch build", "install torch from PyPI")
+        ]
+    checks = [
+        Check("torch.distributed", "ok", f"gloo {'yes' if gloo else 'no'}, nccl {'yes' if nccl else 'no'}")
+    ]
+    if have_gpus and not nccl:
+        checks.append(
+            Check("nccl", "fail", "GPUs present but NCCL unavailable", "install a CUDA build of torch")
+        )
+    return checks
+
+
+def check_launch_env(env: Mapping[str, str]) -> list[Check]:
+    """The SLURM or torchrun variables this process sees, which Fabric turns into ranks."""
+    slurm = {k: env[k] for k in SLURM_VARS if k in env}
+    torchrun = {k: env[k] for k in TORCHRUN_VARS if k in env}
+    checks = []
+    if slurm:
+        detail = " ".join(f"{k}={v}" for k, v in slurm.items())
+        if "SLURM_NTASKS" in env and "SLURM_NTASKS_PER_NODE" not in env:
+            checks.append(
+                Check("slurm", "warn", detail, "no --ntasks-per-node: pass --devices/--num_nodes yourself")
+            )
+        elif env.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+            checks.append(
+                Check(
+                    "slurm", "warn", detail, "an interactive allocation: Fabric ignores SLURM; run under srun"
+                )
+            )
+        else:
+            checks.append(Check("slurm", "ok", detail))
+    if torchrun:
+        checks.append(Check("torchrun", "ok", " ".join(f"{k}={v}" for k, v in torchrun.items())))
+    if not checks:
+        checks.append(Check("launcher", "ok", "neither SLURM nor torchrun: Fabric starts the ranks itself"))
+    return checks
+
+
+def rendezvous_port(env: Mapping[str, str]) -> tuple[int, bool]:
+    """The port rank 0 listens on, as Fabric picks it; True where the user set it (MASTER_PORT)."""
+    if "MASTER_PORT" in env:
+        return int(env["MASTER_PORT"]), True
+    if "SLURM_JOB_ID" in env:  # Fabric's SLURMEnvironment: 10000 + the job id's last 4 digits
+        return 10000 + int(env["SLURM_JOB_ID"][-4:]), False
+    return DEFAULT_PORT, False
+
+
+def check_port(port: int, explicit: bool, host: str = "127.0.0.1") -> Check:
+    """Whether the rendezvous port is free here; a busy MASTER_PORT makes rank 0 fail to start."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            hint = f"another process holds it (ss -ltnp | grep {port}); export MASTER_PORT=<a free port>"
+            return Check(
+                "rendezvous port", "fail" if explicit else "warn", f"{port} busy: {err.strerror}", hint
+            )
+    return Check("rendezvous port", "ok", f"{port} free")
+
+
+def check_nccl_env(env: Mapping[str, str], interfaces: list[str], ib_devices: list[str]) -> list[Check]:
+    """NCCL variables set, and whether they fit the interfaces and InfiniBand devices of this node."""
+    nccl = {k: v for k, v in env.items() if k.startswith("NCCL_")}
+    checks = [
+        Check("nccl variables", "ok", " ".join(f"{k}={v}" for k, v in sorted(nccl.items())) or "none set")
+    ]
+    if env.get("NCCL_P2P_DISABLE") == "1":
+        checks.append(Check("NCCL_P2P_DISABLE", "warn", "GPU peer-to-peer is off", "unset it once diagnosed"))
+    if env.get("NCCL_P2P_LEVEL") in ("NVL", "PIX", "LOC"):
+        checks.append(
+            Check(
+                "NCCL_P2P_LEVEL",
+                "warn",
+                f"{env['NCCL_P2P_LEVEL']} restricts P2P",
+                "unset it: NCCL reads the topology",
+            )
+        )
+    if env.get("NCCL_IB_DISABLE") == "1" and ib_devices:
+        checks.append(
+            Check(
+                "NCCL_IB_DISABLE",
+                "warn",
+                f"InfiniBand present ({', '.join(ib_devices)}) but disabled",
+                "multi-node traffic falls back to TCP sockets",
+            )  # fmt: skip
+        )
+    if "NCCL_SOCKET_IFNAME" in env:
+        wanted = [n.lstrip("^=") for n in env["NCCL_SOCKET_IFNAME"].split(",")]
+        excluded = env["NCCL_SOCKET_IFNAME"].startswith("^")
+        if not excluded and not any(i.startswith(w) for w in wanted for i in interfaces):
+            checks.append(
+                Check(
+                    "NCCL_SOCKET_IFNAME",
+                    "fail",
+                    f"no interface matches {env['NCCL_SOCKET_IFNAME']}",
+                    f"interfaces here: {', '.join(interfaces)}",
+                )  # fmt: skip
+            )
+    checks.append(
+        Check("infiniband", "ok", ", ".join(ib_devices))
+        if ib_devices
+        else Check("infiniband", "warn", "no InfiniBand device", "multi-node runs use TCP sockets")
+    )
+    return checks
+
+
+def _installed(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def gather() -> dict[str, Any]:
+    """What the checks read from this machine (the only function that touches torch and the system)."""
+    import torch
+    import torch.distributed as dist
+
+    cuda_ok = torch.cuda.is_available()
+    gpus = []
+    for i in range(torch.cuda.device_count() if cuda_ok else 0):
+        props = torch.cuda.get_device_properties(i)
+        gpus.append({"name": props.name, "memory_gb": props.total_memory / 2**30,
+                     "capability": (props.major, props.minor)})  # fmt: skip
+    nccl = None
+    if torch.version.cuda and hasattr(torch.cuda, "nccl"):
+        try:
+            nccl = ".".join(map(str, torch.cuda.nccl.version()))
+        except (RuntimeError, AttributeError):
+            nccl = None
+    ib = Path("/sys/class/infiniband")
+    return {
+        "versions": {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "lightning": _installed("lightning"),
+            "open_clip_torch": _installed("open_clip_torch"),
+            "cuda": torch.version.cuda,
+            "nccl": nccl,
+            "transformer_engine": _installed("transformer_engine") or _installed("transformer-engine"),
+        },
+        "gpus": gpus,
+        "dist_available": dist.is_available(),
+        "gloo": dist.is_available() and dist.is_gloo_available(),
+        "nccl": dist.is_available() and dist.is_nccl_available(),
+        "interfaces": [name for _, name in socket.if_nameindex()],
+        "ib_devices": sorted(p.name for p in ib.iterdir()) if ib.is_dir() else [],
+    }
+
+
+def run_checks(facts: dict[str, Any], env: Mapping[str, str], require_gpu: bool = False) -> list[Check]:
+    """Every check over the gathered ``facts`` and the environment ``env``."""
+    port, explicit = rendezvous_port(env)
+    return [
+        *check_versions(facts["versions"]),
+        *check_gpus(facts["gpus"], require_gpu),
+        *check_distributed(facts["dist_available"], facts["gloo"], facts["nccl"], bool(facts["gpus"])),
+        *check_launch_env(env),
+        check_port(port, explicit),
+        *check_nccl_env(env, facts["interfaces"], facts["ib_devices"]),
+    ]
+
+
+def setup(json: bool = False, require_gpu: bool = False) -> None:
+    """Check this machine for a distributed run; exit status 1 when something blocks it.
+
+    Args:
+        json: Print the checks as a JSON list instead of a table.
+        require_gpu: Treat the absence of a CUDA GPU as a blocking failure (on GPU nodes).
+    """
+    checks = run_checks(gather(), os.environ, require_gpu)
+    if json:
+        print(jsonlib.dumps([asdict(c) for c in checks], indent=2))
+    else:
+        width = max(len(c.name) for c in checks)
+        for c in checks:
+            print(
+                f"{c.status.upper():4}  {c.name:<{width}}  {c.detail}" + (f"  -> {c.hint}" if c.hint else "")
+            )
+    failed = [c.name for c in checks if c.status == "fail"]
+    if failed:
+        sys.exit(f"clip_fabric doctor: blocking: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    CLI(setup, as_positional=False)
