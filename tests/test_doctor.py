@@ -1,0 +1,112 @@
+"""``doctor``: each check on made-up machines (no GPU needed), and the command on this one."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+from clip_fabric import doctor
+from tests.conftest import REPO
+
+V100 = {"name": "Tesla V100-SXM2-32GB", "memory_gb": 31.7, "capability": (7, 0)}
+A100 = {"name": "NVIDIA A100-SXM4-80GB", "memory_gb": 79.2, "capability": (8, 0)}
+VERSIONS = {"python": "3.11.7", "torch": "2.14.1", "lightning": "2.6.6", "open_clip_torch": "3.3.0",
+            "cuda": "13.0", "nccl": "2.30.7", "transformer_engine": None}  # fmt: skip
+
+
+def statuses(checks: list[doctor.Check]) -> dict[str, str]:
+    return {c.name: c.status for c in checks}
+
+
+def test_versions_missing_package_blocks_and_cpu_torch_warns():
+    assert statuses(doctor.check_versions(VERSIONS))["torch"] == "ok"
+    checks = statuses(doctor.check_versions(VERSIONS | {"open_clip_torch": None, "cuda": None, "nccl": None}))
+    assert checks["open_clip_torch"] == "fail"
+    assert checks["cuda (torch build)"] == "warn" and checks["transformer_engine"] == "warn"
+
+
+def test_gpus_name_memory_capability_and_precision_hint():
+    v100, a100 = doctor.check_gpus([V100, A100])[:2]
+    assert "Tesla V100-SXM2-32GB, 31.7 GB, compute capability 7.0, fp16 only" == v100.detail
+    assert "16-mixed" in v100.hint and a100.detail.endswith("bf16") and not a100.hint
+    assert statuses(doctor.check_gpus([V100, A100]))["gpus"] == "warn"  # mixed models on one node
+
+
+def test_no_gpu_warns_unless_required():
+    assert doctor.check_gpus([])[0].status == "warn"
+    assert doctor.check_gpus([], require_gpu=True)[0].status == "fail"
+
+
+def test_distributed_nccl_missing_blocks_only_with_gpus():
+    assert all(c.status == "ok" for c in doctor.check_distributed(True, True, False, have_gpus=False))
+    assert statuses(doctor.check_distributed(True, True, False, have_gpus=True))["nccl"] == "fail"
+    assert doctor.check_distributed(False, False, False, have_gpus=False)[0].status == "fail"
+
+
+def test_launch_env_slurm_torchrun_and_neither():
+    step = {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "8",
+            "SLURM_JOB_NUM_NODES": "2", "SLURM_PROCID": "3", "SLURM_JOB_NAME": "clip-fabric"}  # fmt: skip
+    (slurm,) = doctor.check_launch_env(step)
+    assert slurm.status == "ok" and "SLURM_NTASKS=16" in slurm.detail and "SLURM_PROCID=3" in slurm.detail
+    no_per_node = {k: v for k, v in step.items() if k != "SLURM_NTASKS_PER_NODE"}
+    assert doctor.check_launch_env(no_per_node)[0].status == "warn"
+    assert doctor.check_launch_env(step | {"SLURM_JOB_NAME": "bash"})[0].status == "warn"
+    (torchrun,) = doctor.check_launch_env({"RANK": "1", "WORLD_SIZE": "4", "MASTER_PORT": "29400"})
+    assert torchrun.name == "torchrun" and "WORLD_SIZE=4" in torchrun.detail
+    assert doctor.check_launch_env({})[0].name == "launcher"
+
+
+def test_rendezvous_port_as_fabric_picks_it_and_busy_port():
+    assert doctor.rendezvous_port({"SLURM_JOB_ID": "123456"}) == (13456, False)
+    assert doctor.rendezvous_port({"SLURM_JOB_ID": "1", "MASTER_PORT": "4000"}) == (4000, True)
+    assert doctor.rendezvous_port({}) == (29500, False)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert doctor.check_port(port, explicit=True).status == "fail"
+        assert doctor.check_port(port, explicit=False).status == "warn"
+    assert doctor.check_port(port, explicit=True).status == "ok"
+
+
+def test_nccl_variables_hints():
+    checks = statuses(doctor.check_nccl_env({"NCCL_P2P_LEVEL": "NVL", "NCCL_P2P_DISABLE": "1"}, ["lo"], []))
+    assert checks["NCCL_P2P_LEVEL"] == "warn" and checks["NCCL_P2P_DISABLE"] == "warn"
+    assert checks["infiniband"] == "warn"
+    ib = statuses(doctor.check_nccl_env({"NCCL_IB_DISABLE": "1"}, ["lo", "ib0"], ["mlx5_0"]))
+    assert ib["NCCL_IB_DISABLE"] == "warn" and ib["infiniband"] == "ok"
+    wrong = statuses(doctor.check_nccl_env({"NCCL_SOCKET_IFNAME": "ib"}, ["lo", "eth0"], []))
+    assert wrong["NCCL_SOCKET_IFNAME"] == "fail"
+    assert "NCCL_SOCKET_IFNAME" not in statuses(
+        doctor.check_nccl_env({"NCCL_SOCKET_IFNAME": "eth"}, ["eth0"], [])
+    )
+    assert "NCCL_SOCKET_IFNAME" not in statuses(
+        doctor.check_nccl_env({"NCCL_SOCKET_IFNAME": "^docker"}, ["lo"], [])
+    )
+
+
+def test_run_checks_on_a_gpu_node_without_nccl_fails():
+    facts = {"versions": VERSIONS, "gpus": [A100], "dist_available": True, "gloo": True, "nccl": False,
+             "interfaces": ["lo"], "ib_devices": []}  # fmt: skip
+    assert statuses(doctor.run_checks(facts, {}))["nccl"] == "fail"
+
+
+def _doctor(*args: str) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}  # no inherited SLURM/NCCL variables
+    return subprocess.run([sys.executable, "-m", "clip_fabric.doctor", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_doctor_command_on_this_machine():
+    has_gpu = __import__("torch").cuda.is_available()
+    result = _doctor("--json", "true")
+    assert result.returncode == 0, result.stderr
+    checks = {c["name"]: c for c in json.loads(result.stdout)}
+    assert checks["torch"]["status"] == "ok" and checks["launcher"]["status"] == "ok"
+    if not has_gpu:
+        assert checks["gpus"]["status"] == "warn"
+        required = _doctor("--require_gpu", "true")
+        assert required.returncode == 1 and "blocking: gpus" in required.stderr
+        assert "WARN" in _doctor().stdout
