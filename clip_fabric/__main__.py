@@ -10,9 +10,9 @@ import sys
 
 from jsonargparse import CLI, set_parsing_settings
 
-from clip_fabric import predict
+from clip_fabric import evaluate, predict
 
-COMMANDS = {"predict": predict.setup}
+COMMANDS = {"predict": predict.setup, "evaluate": evaluate.setup}
 
 
 def main(args: list[str] | None = None) -> None:

@@ -27,7 +27,7 @@ from clip_fabric.data.stream import ShardStream
 from clip_fabric.encode import SplittingEncoder
 from clip_fabric.model import Encoder, check_model, load_model
 from clip_fabric.strategies import build_strategy, data_parallel, writes
-from clip_fabric.zeroshot import build_classifier, load_class_names, load_templates
+from clip_fabric.zeroshot import load_class_names, load_templates, sharded_classifier
 
 log = logging.getLogger(__name__)
 Task = Literal["zeroshot", "retrieval"]
@@ -174,10 +174,8 @@ def main(
 
 def _zeroshot(fabric, encoder, tokenizer, loader, classes, templates, data, counts, progress):
     """Top-k accuracy of ``argmax(image @ classifier.T)``; torchmetrics sums the counts over ranks."""
-    # The classifier is computed identically on every rank: it is small (classes x templates prompts, a few
-    # seconds for ImageNet's 80,000), and needs no collective, so it works the same under every strategy.
-    weights = build_classifier(
-        lambda tokens: encoder(None, fabric.to_device(tokens))["text"], tokenizer, classes, templates,
+    weights = sharded_classifier(
+        fabric, lambda tokens: encoder(None, fabric.to_device(tokens))["text"], tokenizer, classes, templates,
         data.batch_size,
     ).to(fabric.device)  # fmt: skip
     accuracy = {

@@ -10,13 +10,11 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from lightning.fabric import Fabric
-from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -30,7 +28,7 @@ from clip_fabric.preemption import StopRequest, ignore_stop_signals, requeue_slu
 from clip_fabric.strategies import build_strategy, data_parallel, partner_session, writes
 from clip_fabric.topology import TowerLayout
 from clip_fabric.writers import DONE_DIR, EMBEDDING_DIRS, ShardWriter, done_shards
-from clip_fabric.zeroshot import build_classifier, load_class_names, load_templates
+from clip_fabric.zeroshot import load_class_names, load_templates, sharded_classifier
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
@@ -149,9 +147,14 @@ def main(
     class_names = None
     if "topk" in MODE_OUTPUTS[mode]:
         class_names = load_class_names(zeroshot.class_names)
-        encoder.module.classifier = sharded_classifier(
-            fabric, encoder.module, tokenizer, class_names, load_templates(zeroshot.templates)
-        )
+        text_features = encoder.module.text_features  # outside forward: autocast by hand
+
+        def encode_text(tokens: torch.Tensor) -> torch.Tensor:
+            with fabric.autocast():
+                return text_features(fabric.to_device(tokens))
+
+        templates = load_templates(zeroshot.templates)
+        encoder.module.classifier = sharded_classifier(fabric, encode_text, tokenizer, class_names, templates)
     shards = source.shards()
     done = done_shards(out_dir)
     split = data_parallel(fabric.strategy, fabric.global_rank, fabric.world_size)
@@ -214,21 +217,6 @@ def main(
         f"at {summary['this_run']['samples_per_s'] or 0:.1f} samples/s on {fabric.world_size} rank(s)"
     )
     return summary
-
-
-def sharded_classifier(
-    fabric: Fabric, encoder: nn.Module, tokenizer: Callable, class_names: list[str], templates: list
-) -> torch.Tensor:
-    """Zero-shot weights, computed once per run: each rank encodes the prompts of an equal slice of the
-    classes and the slices are all-gathered, so N ranks share the cost of classes x templates."""
-    per_rank = -(-len(class_names) // fabric.world_size)
-    start = fabric.global_rank * per_rank
-    mine = class_names[start : start + per_rank]
-    mine += class_names[:1] * (per_rank - len(mine))  # equal shapes for all_gather; trimmed below
-    with fabric.autocast():
-        local = build_classifier(encoder.text_features, tokenizer, mine, templates)
-    gathered = fabric.all_gather(local.contiguous()) if fabric.world_size > 1 else local
-    return gathered.reshape(-1, local.shape[-1])[: len(class_names)]
 
 
 def _encode(fabric: Fabric, encoder: SplittingEncoder, batch: dict) -> dict:

@@ -9,6 +9,7 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
+from lightning.fabric import Fabric
 from torch import Tensor
 
 Template = Callable[[str], str]
@@ -89,3 +90,22 @@ def _read_lines(spec: str, option: str, builtins: dict) -> list[str]:
     if not lines:
         raise ValueError(f"{option} {spec}: the file has no non-empty line")
     return lines
+
+
+def sharded_classifier(
+    fabric: Fabric,
+    encode_text: Callable[[Tensor], Tensor],
+    tokenizer: Callable[[list[str]], Tensor],
+    class_names: Sequence[str],
+    templates: Sequence[Template],
+    batch_size: int = 256,
+) -> Tensor:
+    """``build_classifier`` computed once per run by all ranks together: each rank encodes the prompts
+    of an equal slice of the classes and the slices are all-gathered, so N ranks share the
+    classes x templates prompts (80,000 for ImageNet with the OpenAI templates)."""
+    per_rank = -(-len(class_names) // fabric.world_size)
+    mine = list(class_names[fabric.global_rank * per_rank :][:per_rank])
+    mine += list(class_names[:1]) * (per_rank - len(mine))  # equal shapes for all_gather; trimmed below
+    local = build_classifier(encode_text, tokenizer, mine, templates, batch_size)
+    gathered = fabric.all_gather(local.contiguous()) if fabric.world_size > 1 else local
+    return gathered.reshape(-1, local.shape[-1])[: len(class_names)]
