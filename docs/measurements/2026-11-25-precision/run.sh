@@ -14,7 +14,7 @@ try:
 except ValueError as err:
     sys.exit(f"clip_fabric: error: {err}")' "$@"
 }
-b32="--model.name ViT-B-32 --data.num_samples 4096 --data.batch_size 512 --data.shard_size 512 --data.num_workers 8"
+b32="--model.name ViT-B-32 --data.num_samples 4096 --data.batch_size 1024 --data.shard_size 1024 --data.num_workers 4"
 l14="--model.name ViT-L-14 --data.num_samples 1024 --data.batch_size 256 --data.shard_size 128 --data.num_workers 8"
 vp $b32 --precision 16-mixed,bf16-mixed,16-true,bf16-true,auto --output "$out/vitb32.json" 2>&1 | grep -v Warning
 vp $b32 --precision 32-true --tf32 true --output "$out/vitb32_tf32.json" 2>&1 | grep -v Warning
