@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def slurm(tmp_path_factory) -> dict[str, str]:
             logs = "".join(p.read_text()[-1500:] for p in sorted(root.glob("*.out")))
             pytest.fail(f"the one-node Slurm did not come up (node state {state!r}):\n{logs}")
         # The job's ranks run `python -m clip_fabric` and `scontrol`: this interpreter's environment first.
-        yield env | {"PATH": f"{Path(os.sys.executable).parent}:{env['PATH']}", "HF_HUB_OFFLINE": "1"}
+        yield env | {"PATH": f"{Path(sys.executable).parent}:{env['PATH']}", "HF_HUB_OFFLINE": "1"}
     finally:
         subprocess.run(["scancel", "--full", "--user=root"], env=env, capture_output=True)
         for daemon in daemons:
@@ -164,15 +165,9 @@ def test_1node_script_runs_data_parallel_ranks_from_slurm(slurm, tiny_config, tm
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    reason="predict under srun: a rank dies of SLURM's SIGUSR1 (no handler in /proc/PID/status SigCgt) "
-    "so the step fails instead of requeueing; reported to the predict/preemption owner",
-    raises=AssertionError,
-    strict=False,
-)
 def test_8node_script_requeues_on_preemption_and_resumes(slurm, tiny_config, tmp_path):
     out, log = tmp_path / "out", tmp_path / "job-%j.out"
-    args = _tiny_predict_args(tiny_config, out, 480, "--mode", "image")
+    args = _tiny_predict_args(tiny_config, out, 960, "--mode", "image")
     job, result = _sbatch(slurm, log, "slurm/8node.sh", "configs/ddp.yaml", *args, wait=False)
     assert result.returncode == 0, result.stderr
     log = Path(str(log).replace("%j", job))
@@ -181,20 +176,22 @@ def test_8node_script_requeues_on_preemption_and_resumes(slurm, tiny_config, tmp
         return [int(p.stem) for p in (out / "_done").glob("*.json")]
 
     deadline = time.monotonic() + 90
-    # Both ranks must be inside their predict loop (rank r writes shards r, r+2, ...) before the signal.
-    while time.monotonic() < deadline and not (
-        sum(i % 2 == 0 for i in done()) >= 2 and sum(i % 2 == 1 for i in done()) >= 2
-    ):
+    # Both ranks must be inside their predict loop (rank r writes shards r, r+2, ... of 120) at the signal.
+    # A rank that has finished its loop and waits for the others at the final barrier dies of the signal
+    # (predict restores the default handler after the loop): a known gap, reported, not tested here.
+    while time.monotonic() < deadline and min(sum(i % 2 == r for i in done()) for r in (0, 1)) < 2:
         assert _job(slurm, job).get("JobState") in ("PENDING", "RUNNING"), log.read_text()[-3000:]
         time.sleep(0.1)
+    assert max(sum(i % 2 == r for i in done()) for r in (0, 1)) < 40, "a rank is nearly done: signal too late"
     # What Slurm does at --signal=USR1@120: SIGUSR1 to every task of the job's steps.
     subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
 
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (info := _job(slurm, job)).get("JobState") != "COMPLETED":
-        assert info.get("JobState") in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"), log.read_text()[
-            -3000:
-        ]
+        state = info.get("JobState")
+        assert state in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"), log.read_text()[-3000:]
+        if info.get("Reason") == "BeginTime":  # Slurm holds a requeued job ~2 minutes; skip that wait here
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)
         time.sleep(0.5)
     text = log.read_text()
     assert info.get("JobState") == "COMPLETED", text[-3000:]
@@ -202,9 +199,9 @@ def test_8node_script_requeues_on_preemption_and_resumes(slurm, tiny_config, tmp
     # --open-mode=append: the first run's lines and the requeued run's lines in one log.
     assert f"job {job} restart 0" in text and f"job {job} restart 1" in text
     emb, keys = read_output(out)
-    assert keys == [f"{i:09d}" for i in range(480)] and emb.shape == (480, 32)  # every sample, once
-    resumed = [line for line in text.splitlines() if "clip_fabric: 480 rows" in line]
-    assert resumed and "this run 480 rows" not in resumed[-1], "the requeued run must resume, not restart"
+    assert keys == [f"{i:09d}" for i in range(960)] and emb.shape == (960, 32)  # every sample, once
+    resumed = [line for line in text.splitlines() if "clip_fabric: 960 rows" in line]
+    assert resumed and "this run 960 rows" not in resumed[-1], "the requeued run must resume, not restart"
 
 
 def test_hybrid_script_scores_pairs_on_slurm(slurm, tiny_config, tmp_path):
