@@ -230,3 +230,23 @@ def test_cuda_fp8_builds_or_says_why():
         with pytest.raises(ValueError, match="--precision fp8 .*needs") as err:
             prec.build_precision("fp8")
         assert "\n" not in str(err.value)
+
+
+def test_custom_text_clip_projections_are_fp32(tmp_path):
+    """CustomTextCLIP keeps its text tower in ``.text``: its projection is found there too."""
+    from conftest import TINY_CONFIG
+
+    path = tmp_path / "tiny-custom-text.json"
+    path.write_text(json.dumps(TINY_CONFIG | {"custom_text": True}))
+    open_clip.add_model_config(path)
+    model = open_clip.create_model("tiny-custom-text").eval().requires_grad_(False)
+    assert isinstance(model, open_clip.CustomTextCLIP)
+    plugin = prec.build_precision("16-true", accelerator="cpu")
+    model = plugin.convert_module(model)
+    assert isinstance(model.text.text_projection, Fp32Projection)
+    assert isinstance(model.visual.proj, Fp32Projection)
+    seen = record_output_dtypes(model, ["text.text_projection", "text.ln_final"])
+    images, texts = inputs()
+    with torch.inference_mode(), plugin.forward_context():
+        embed(model, plugin.convert_input(images), texts)
+    assert seen["text.text_projection"] == seen["text.ln_final"] == torch.float32
