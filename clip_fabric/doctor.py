@@ -20,7 +20,7 @@ Status = Literal["ok", "warn", "fail"]
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_JOB_NUM_NODES", "SLURM_PROCID",
               "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_RESTART_COUNT")  # fmt: skip
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-DEFAULT_PORT = 29500  # torchrun's default rendezvous port
+TORCHRUN_PORT = 29500  # torchrun's default rendezvous port
 
 
 @dataclass(frozen=True)
@@ -112,10 +112,9 @@ def check_launch_env(env: Mapping[str, str]) -> list[Check]:
     checks = []
     if slurm:
         detail = " ".join(f"{k}={v}" for k, v in slurm.items())
-        if "SLURM_NTASKS" in env and "SLURM_NTASKS_PER_NODE" not in env:
-            checks.append(
-                Check("slurm", "warn", detail, "no --ntasks-per-node: pass --devices/--num_nodes yourself")
-            )
+        if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_NTASKS_PER_NODE" not in env:
+            # Fabric's SLURMEnvironment refuses --ntasks without --ntasks-per-node
+            checks.append(Check("slurm", "fail", detail, "use #SBATCH --ntasks-per-node, not --ntasks"))
         elif env.get("SLURM_JOB_NAME") in ("bash", "interactive"):
             checks.append(
                 Check(
@@ -131,17 +130,22 @@ def check_launch_env(env: Mapping[str, str]) -> list[Check]:
     return checks
 
 
-def rendezvous_port(env: Mapping[str, str]) -> tuple[int, bool]:
-    """The port rank 0 listens on, as Fabric picks it; True where the user set it (MASTER_PORT)."""
+def rendezvous_port(env: Mapping[str, str]) -> tuple[int | None, bool]:
+    """The port rank 0 listens on, as Fabric picks it (None: Fabric finds a free one itself); True where
+    the user set it (MASTER_PORT)."""
     if "MASTER_PORT" in env:
         return int(env["MASTER_PORT"]), True
-    if "SLURM_JOB_ID" in env:  # Fabric's SLURMEnvironment: 10000 + the job id's last 4 digits
-        return 10000 + int(env["SLURM_JOB_ID"][-4:]), False
-    return DEFAULT_PORT, False
+    if "SLURM_JOB_ID" in env and "SLURM_NTASKS" in env:  # Fabric's SLURMEnvironment
+        return 15000 + int(env["SLURM_JOB_ID"][-4:]), False
+    if "RANK" in env:
+        return TORCHRUN_PORT, False
+    return None, False
 
 
-def check_port(port: int, explicit: bool, host: str = "127.0.0.1") -> Check:
+def check_port(port: int | None, explicit: bool, host: str = "127.0.0.1") -> Check:
     """Whether the rendezvous port is free here; a busy MASTER_PORT makes rank 0 fail to start."""
+    if port is None:
+        return Check("rendezvous port", "ok", "chosen free by Fabric at launch")
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

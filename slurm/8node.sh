@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # clip_fabric on 8 nodes x 8 GPUs (64 ranks, data parallel): one task per GPU, Fabric reads the ranks
-# from SLURM's variables and rank 0's node is the rendezvous (port 10000 + last 4 digits of the job id).
+# from SLURM's variables and rank 0's node is the rendezvous (port 15000 + last 4 digits of the job id,
+# or MASTER_PORT if exported).
 #   sbatch slurm/8node.sh [CONFIG] [predict options...]     (submit from the repository root)
 #   A100 (the default partition name here): bf16-mixed, as configs/ddp.yaml sets.
 #   V100 (no bf16):  sbatch --partition=v100 slurm/8node.sh configs/ddp.yaml --precision 16-mixed

@@ -51,7 +51,7 @@ def test_launch_env_slurm_torchrun_and_neither():
     (slurm,) = doctor.check_launch_env(step)
     assert slurm.status == "ok" and "SLURM_NTASKS=16" in slurm.detail and "SLURM_PROCID=3" in slurm.detail
     no_per_node = {k: v for k, v in step.items() if k != "SLURM_NTASKS_PER_NODE"}
-    assert doctor.check_launch_env(no_per_node)[0].status == "warn"
+    assert doctor.check_launch_env(no_per_node)[0].status == "fail"  # Fabric refuses it
     assert doctor.check_launch_env(step | {"SLURM_JOB_NAME": "bash"})[0].status == "warn"
     (torchrun,) = doctor.check_launch_env({"RANK": "1", "WORLD_SIZE": "4", "MASTER_PORT": "29400"})
     assert torchrun.name == "torchrun" and "WORLD_SIZE=4" in torchrun.detail
@@ -59,9 +59,11 @@ def test_launch_env_slurm_torchrun_and_neither():
 
 
 def test_rendezvous_port_as_fabric_picks_it_and_busy_port():
-    assert doctor.rendezvous_port({"SLURM_JOB_ID": "123456"}) == (13456, False)
+    assert doctor.rendezvous_port({"SLURM_JOB_ID": "123456", "SLURM_NTASKS": "2"}) == (18456, False)
     assert doctor.rendezvous_port({"SLURM_JOB_ID": "1", "MASTER_PORT": "4000"}) == (4000, True)
-    assert doctor.rendezvous_port({}) == (29500, False)
+    assert doctor.rendezvous_port({"RANK": "0", "WORLD_SIZE": "2"}) == (29500, False)
+    assert doctor.rendezvous_port({}) == (None, False)
+    assert doctor.check_port(None, explicit=False).status == "ok"
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()

@@ -140,6 +140,9 @@ def _sbatch(
     env: dict, log: Path, script: str, *args: str, wait: bool
 ) -> tuple[str, subprocess.CompletedProcess]:
     cmd = ["sbatch", "--parsable", *CPU_NODE, f"--output={log}", *(["--wait"] if wait else []), script, *args]
+    # A free rendezvous port: Fabric's default under SLURM (15000 + the job id's last 4 digits) would be
+    # 15001, 15002, ... here, which another cluster or test on a shared CI host may hold.
+    env = env | {"MASTER_PORT": str(_free_port())}
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
     return result.stdout.strip().split(";")[0], result
 
@@ -167,7 +170,7 @@ def test_1node_script_runs_data_parallel_ranks_from_slurm(slurm, tiny_config, tm
 
 def test_8node_script_requeues_on_preemption_and_resumes(slurm, tiny_config, tmp_path):
     out, log = tmp_path / "out", tmp_path / "job-%j.out"
-    args = _tiny_predict_args(tiny_config, out, 960, "--mode", "image")
+    args = _tiny_predict_args(tiny_config, out, 2400, "--mode", "image")
     job, result = _sbatch(slurm, log, "slurm/8node.sh", "configs/ddp.yaml", *args, wait=False)
     assert result.returncode == 0, result.stderr
     log = Path(str(log).replace("%j", job))
@@ -176,13 +179,13 @@ def test_8node_script_requeues_on_preemption_and_resumes(slurm, tiny_config, tmp
         return [int(p.stem) for p in (out / "_done").glob("*.json")]
 
     deadline = time.monotonic() + 90
-    # Both ranks must be inside their predict loop (rank r writes shards r, r+2, ... of 120) at the signal.
+    # Both ranks must be inside their predict loop (rank r writes shards r, r+2, ... of 300) at the signal.
     # A rank that has finished its loop and waits for the others at the final barrier dies of the signal
     # (predict restores the default handler after the loop): a known gap, reported, not tested here.
     while time.monotonic() < deadline and min(sum(i % 2 == r for i in done()) for r in (0, 1)) < 2:
         assert _job(slurm, job).get("JobState") in ("PENDING", "RUNNING"), log.read_text()[-3000:]
         time.sleep(0.1)
-    assert max(sum(i % 2 == r for i in done()) for r in (0, 1)) < 40, "a rank is nearly done: signal too late"
+    assert max(sum(i % 2 == r for i in done()) for r in (0, 1)) < 100, "a rank nearly done: signal too late"
     # What Slurm does at --signal=USR1@120: SIGUSR1 to every task of the job's steps.
     subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
 
@@ -199,9 +202,9 @@ def test_8node_script_requeues_on_preemption_and_resumes(slurm, tiny_config, tmp
     # --open-mode=append: the first run's lines and the requeued run's lines in one log.
     assert f"job {job} restart 0" in text and f"job {job} restart 1" in text
     emb, keys = read_output(out)
-    assert keys == [f"{i:09d}" for i in range(960)] and emb.shape == (960, 32)  # every sample, once
-    resumed = [line for line in text.splitlines() if "clip_fabric: 960 rows" in line]
-    assert resumed and "this run 960 rows" not in resumed[-1], "the requeued run must resume, not restart"
+    assert keys == [f"{i:09d}" for i in range(2400)] and emb.shape == (2400, 32)  # every sample, once
+    resumed = [line for line in text.splitlines() if "clip_fabric: 2400 rows" in line]
+    assert resumed and "this run 2400 rows" not in resumed[-1], "the requeued run must resume, not restart"
 
 
 def test_hybrid_script_scores_pairs_on_slurm(slurm, tiny_config, tmp_path):
