@@ -26,6 +26,7 @@ from clip_fabric.data.decode import CpuDecoder
 from clip_fabric.data.stream import ShardStream
 from clip_fabric.encode import SplittingEncoder
 from clip_fabric.model import Encoder, check_model, load_model
+from clip_fabric.precision import build_precision
 from clip_fabric.strategies import build_strategy, data_parallel, writes
 from clip_fabric.zeroshot import load_class_names, load_templates, sharded_classifier
 
@@ -49,6 +50,7 @@ def setup(
     num_nodes: int = 1,
     strategy: str = "auto",
     precision: str = "32-true",
+    tf32: bool = False,
     timeout_s: int = 1800,
     tensor_parallel_size: int | None = None,
 ) -> dict:
@@ -70,7 +72,10 @@ def setup(
         devices: Devices per node (a count, or ``auto``).
         num_nodes: Number of nodes.
         strategy: ``auto``, ``ddp``, ``model_parallel`` or ``tensor_parallel`` (``hybrid`` is refused).
-        precision: Fabric precision, e.g. ``32-true``, ``16-mixed``, ``bf16-mixed``.
+        precision: ``32-true``, ``16-mixed`` / ``16-true`` (fp16, LayerNorms and final projections kept
+            in fp32), ``bf16-mixed``, ``bf16-true``, ``fp8`` (H100/Ada with transformer-engine or
+            torchao) or ``auto`` (chosen per GPU, with the reason printed); see docs/precision.md.
+        tf32: Let float32 matrix products use TF32 tensor cores (Ampere and newer).
         timeout_s: Seconds a rank waits for the others in a collective before failing.
         tensor_parallel_size: ``tensor_parallel``: ranks that share one vision tower.
 
@@ -111,7 +116,7 @@ def setup(
         strategy=build_strategy(
             strategy, devices, num_nodes, timeout_s, tensor_parallel_size=tensor_parallel_size
         ),
-        precision=precision,
+        plugins=build_precision(precision, tf32, accelerator),
     )
     return fabric.launch(main, source, model, data, task, classes, prompt_templates, Path(output), config)
 

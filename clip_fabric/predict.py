@@ -24,6 +24,7 @@ from clip_fabric.data.decode import CpuDecoder
 from clip_fabric.data.stream import ShardStream
 from clip_fabric.encode import SplittingEncoder
 from clip_fabric.model import Encoder, check_model, load_model
+from clip_fabric.precision import build_precision, resolve_precision
 from clip_fabric.preemption import StopRequest, ignore_stop_signals, requeue_slurm_job
 from clip_fabric.strategies import build_strategy, data_parallel, partner_session, writes
 from clip_fabric.topology import TowerLayout
@@ -44,6 +45,7 @@ def setup(
     num_nodes: int = 1,
     strategy: str = "auto",
     precision: str = "32-true",
+    tf32: bool = False,
     timeout_s: int = 1800,
     threshold: float | None = None,
     tower_layout: TowerLayout = "adjacent",
@@ -64,7 +66,10 @@ def setup(
         devices: Devices per node (a count, or ``auto``).
         num_nodes: Number of nodes.
         strategy: ``auto`` (one device, else data parallel) or ``ddp``.
-        precision: Fabric precision, e.g. ``32-true``, ``16-mixed``, ``bf16-mixed``.
+        precision: ``32-true``, ``16-mixed`` / ``16-true`` (fp16, LayerNorms and final projections kept
+            in fp32), ``bf16-mixed``, ``bf16-true``, ``fp8`` (H100/Ada with transformer-engine or
+            torchao) or ``auto`` (chosen per GPU, with the reason printed); see docs/precision.md.
+        tf32: Let float32 matrix products use TF32 tensor cores (Ampere and newer).
         threshold: ``pair`` and ``both`` modes: drop pairs whose similarity is below this (counted
             as ``filtered`` in the summary, not as errors).
         tower_layout: ``hybrid``: ``adjacent`` pairs ranks (2g, 2g+1), keeping a pair on one node;
@@ -97,7 +102,7 @@ def setup(
     check_model(model)
     source = build_source(data, text_only=mode == "text")
     run = {
-        "fingerprint": _fingerprint(model, data, output, mode, precision)
+        "fingerprint": _fingerprint(model, data, output, mode, resolve_precision(precision, accelerator))
         | {"threshold": threshold, "zeroshot": asdict(zeroshot) if mode == "zeroshot" else None},
         "config": {
             "model": asdict(model),
@@ -109,6 +114,7 @@ def setup(
             "num_nodes": num_nodes,
             "strategy": strategy,
             "precision": precision,
+            "tf32": tf32,
             "threshold": threshold,
             "zeroshot": asdict(zeroshot),
         },
@@ -119,7 +125,7 @@ def setup(
         devices=devices,
         num_nodes=num_nodes,
         strategy=build_strategy(strategy, devices, num_nodes, timeout_s, tower_layout, tensor_parallel_size),
-        precision=precision,
+        plugins=build_precision(precision, tf32, accelerator),
     )
     return fabric.launch(main, source, model, data, output, mode, threshold, zeroshot, run)
 

@@ -268,3 +268,22 @@ def test_zeroshot_mode_matches_open_clip(tmp_path, tiny_config, tiny_checkpoint,
             output=OutputArgs(dir=str(tmp_path / "x")), mode="zeroshot", accelerator="cpu",
             zeroshot=ZeroShotArgs(str(tmp_path / "classes.txt"), top_k=9),
         )  # fmt: skip
+
+
+def test_precision_plugin_runs_through_predict(tmp_path, tiny_config, tiny_checkpoint, image_folder):
+    data = DataArgs(format="folder", source=str(image_folder), num_workers=0)
+    runs = {}
+    for precision in ("32-true", "bf16-mixed", "auto"):
+        out = tmp_path / precision
+        setup(
+            model=ModelArgs(config=str(tiny_config), pretrained=str(tiny_checkpoint)),
+            data=data,
+            output=OutputArgs(dir=str(out), dtype="float32"),
+            accelerator="cpu",
+            precision=precision,
+        )
+        runs[precision] = read_output(out)[0].astype(np.float64)
+        recorded = json.loads((out / "run.json").read_text())["fingerprint"]["precision"]
+        assert recorded == ("32-true" if precision == "auto" else precision)  # auto is 32-true on a CPU
+    assert np.all((runs["32-true"] * runs["bf16-mixed"]).sum(-1) > 0.99)
+    np.testing.assert_array_equal(runs["32-true"], runs["auto"])

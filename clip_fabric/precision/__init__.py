@@ -40,6 +40,11 @@ def choose_auto(capability: tuple[int, int] | None, device_name: str = "") -> tu
     return "bf16-mixed", True, why
 
 
+def resolve_precision(name: str, accelerator: str = "auto") -> str:
+    """The precision ``name`` stands for on this machine (``auto`` resolved), e.g. for a run's record."""
+    return choose_auto(*device_capability(accelerator))[0] if name == "auto" else name
+
+
 def build_precision(name: str, tf32: bool = False, accelerator: str = "auto") -> Precision:
     """The Fabric precision plugin for ``--precision name`` (pass it as ``Fabric(plugins=...)``).
 
