@@ -136,15 +136,24 @@ def _tiny_predict_args(tiny_config: Path, out: Path, samples: int, *more: str) -
     ]  # fmt: skip
 
 
-def _sbatch(
-    env: dict, log: Path, script: str, *args: str, wait: bool
-) -> tuple[str, subprocess.CompletedProcess]:
-    cmd = ["sbatch", "--parsable", *CPU_NODE, f"--output={log}", *(["--wait"] if wait else []), script, *args]
+def _sbatch(env: dict, log: Path, script: str, *args: str) -> tuple[str, Path]:
+    cmd = ["sbatch", "--parsable", *CPU_NODE, f"--output={log}", script, *args]
     # A free rendezvous port: Fabric's default under SLURM (15000 + the job id's last 4 digits) would be
     # 15001, 15002, ... here, which another cluster or test on a shared CI host may hold.
     env = env | {"MASTER_PORT": str(_free_port())}
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
-    return result.stdout.strip().split(";")[0], result
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, f"sbatch refused {script}: {result.stderr}"
+    job = result.stdout.strip().split(";")[0]
+    return job, Path(str(log).replace("%j", job))
+
+
+def _finished(env: dict, job: str, timeout: float = 120) -> dict[str, str]:
+    """The job's final record (``sbatch --wait`` polls with a back-off of up to 32 s: too slow here)."""
+    deadline = time.monotonic() + timeout
+    while (info := _job(env, job)).get("JobState") in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING"):
+        assert time.monotonic() < deadline, f"job {job} still {info.get('JobState')} after {timeout} s"
+        time.sleep(0.3)
+    return info
 
 
 def _job(env: dict, job_id: str) -> dict[str, str]:
@@ -154,11 +163,12 @@ def _job(env: dict, job_id: str) -> dict[str, str]:
 
 def test_1node_script_runs_data_parallel_ranks_from_slurm(slurm, tiny_config, tmp_path):
     out, log = tmp_path / "out", tmp_path / "job-%j.out"
-    job, result = _sbatch(
-        slurm, log, "slurm/1node.sh", "configs/ddp.yaml", *_tiny_predict_args(tiny_config, out, 64), wait=True
+    job, log = _sbatch(
+        slurm, log, "slurm/1node.sh", "configs/ddp.yaml", *_tiny_predict_args(tiny_config, out, 64)
     )
-    text = Path(str(log).replace("%j", job)).read_text()
-    assert result.returncode == 0, result.stderr + text[-3000:]
+    state = _finished(slurm, job).get("JobState")
+    text = log.read_text()
+    assert state == "COMPLETED", text[-3000:]
     # Two ranks from SLURM_PROCID/SLURM_NTASKS, with --devices/--num_nodes taken from the allocation.
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in text and "GLOBAL_RANK: 1, MEMBER: 2/2" in text
     assert f"clip_fabric: job {job} restart 0 on localhost" in text
@@ -171,9 +181,7 @@ def test_1node_script_runs_data_parallel_ranks_from_slurm(slurm, tiny_config, tm
 def test_8node_script_requeues_on_preemption_and_resumes(slurm, tiny_config, tmp_path):
     out, log = tmp_path / "out", tmp_path / "job-%j.out"
     args = _tiny_predict_args(tiny_config, out, 2400, "--mode", "image")
-    job, result = _sbatch(slurm, log, "slurm/8node.sh", "configs/ddp.yaml", *args, wait=False)
-    assert result.returncode == 0, result.stderr
-    log = Path(str(log).replace("%j", job))
+    job, log = _sbatch(slurm, log, "slurm/8node.sh", "configs/ddp.yaml", *args)
 
     def done() -> list[int]:
         return [int(p.stem) for p in (out / "_done").glob("*.json")]
@@ -210,9 +218,10 @@ def test_8node_script_requeues_on_preemption_and_resumes(slurm, tiny_config, tmp
 def test_hybrid_script_scores_pairs_on_slurm(slurm, tiny_config, tmp_path):
     out, log = tmp_path / "out", tmp_path / "job-%j.out"
     args = _tiny_predict_args(tiny_config, out, 32, "--mode", "pair", "--data.batch_size", "4")
-    job, result = _sbatch(slurm, log, "slurm/hybrid.sh", "configs/hybrid.yaml", *args, wait=True)
-    text = Path(str(log).replace("%j", job)).read_text()
-    assert result.returncode == 0, result.stderr + text[-3000:]
+    job, log = _sbatch(slurm, log, "slurm/hybrid.sh", "configs/hybrid.yaml", *args)
+    state = _finished(slurm, job).get("JobState")
+    text = log.read_text()
+    assert state == "COMPLETED", text[-3000:]
     metadata = pq.read_table(sorted((out / "metadata").glob("*.parquet"))[0]).to_pydict()
     assert "similarity" in metadata and len(list((out / "_done").glob("*.json"))) == 4
     assert "clip_fabric: 32 rows" in text
