@@ -81,7 +81,8 @@ def _ensure_slurm_installed() -> None:
         subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
         result = subprocess.run(install, env=env, capture_output=True, text=True)
         if result.returncode != 0:
-            pytest.skip(f"cannot install Slurm with apt-get: {result.stderr.strip().splitlines()[-1:]}")
+            reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            pytest.skip(f"cannot install Slurm (slurmctld slurmd slurm-client) with apt-get: {reason}")
 
 
 @pytest.fixture(scope="module")
