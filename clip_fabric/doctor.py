@@ -50,12 +50,15 @@ def check_versions(versions: Mapping[str, str | None]) -> list[Check]:
         else Check("cuda (torch build)", "warn", "torch is a CPU-only build", "install a CUDA wheel of torch")
     )
     checks.append(Check("nccl (torch build)", "ok" if nccl else "warn", nccl or "not built in"))
-    te = versions.get("transformer_engine")
+    backends = [f"{n} {versions[n]}" for n in ("transformer_engine", "torchao") if versions.get(n)]
     checks.append(
-        Check("transformer_engine", "ok", te)
-        if te
+        Check("fp8 backend", "ok", ", ".join(backends))
+        if backends
         else Check(
-            "transformer_engine", "warn", "not installed", "--precision transformer-engine is unavailable"
+            "fp8 backend",
+            "warn",
+            "neither transformer_engine nor torchao is installed",
+            "--precision fp8 needs one of them: pip install torchao (or transformer_engine[pytorch])",
         )
     )
     return checks
@@ -238,6 +241,7 @@ def gather() -> dict[str, Any]:
             "cuda": torch.version.cuda,
             "nccl": nccl,
             "transformer_engine": _installed("transformer_engine") or _installed("transformer-engine"),
+            "torchao": _installed("torchao"),
         },
         "gpus": gpus,
         "dist_available": dist.is_available(),

@@ -13,7 +13,7 @@ from tests.conftest import REPO
 V100 = {"name": "Tesla V100-SXM2-32GB", "memory_gb": 31.7, "capability": (7, 0)}
 A100 = {"name": "NVIDIA A100-SXM4-80GB", "memory_gb": 79.2, "capability": (8, 0)}
 VERSIONS = {"python": "3.11.7", "torch": "2.14.1", "lightning": "2.6.6", "open_clip_torch": "3.3.0",
-            "cuda": "13.0", "nccl": "2.30.7", "transformer_engine": None}  # fmt: skip
+            "cuda": "13.0", "nccl": "2.30.7", "transformer_engine": None, "torchao": None}  # fmt: skip
 
 
 def statuses(checks: list[doctor.Check]) -> dict[str, str]:
@@ -24,7 +24,15 @@ def test_versions_missing_package_blocks_and_cpu_torch_warns():
     assert statuses(doctor.check_versions(VERSIONS))["torch"] == "ok"
     checks = statuses(doctor.check_versions(VERSIONS | {"open_clip_torch": None, "cuda": None, "nccl": None}))
     assert checks["open_clip_torch"] == "fail"
-    assert checks["cuda (torch build)"] == "warn" and checks["transformer_engine"] == "warn"
+    assert checks["cuda (torch build)"] == "warn"
+
+
+def test_fp8_backend_transformer_engine_or_torchao():
+    (missing,) = [c for c in doctor.check_versions(VERSIONS) if c.name == "fp8 backend"]
+    assert missing.status == "warn" and "--precision fp8" in missing.hint and "torchao" in missing.hint
+    for name in ("transformer_engine", "torchao"):
+        (found,) = [c for c in doctor.check_versions(VERSIONS | {name: "2.0"}) if c.name == "fp8 backend"]
+        assert found.status == "ok" and found.detail == f"{name} 2.0"
 
 
 def test_gpus_name_memory_capability_and_precision_hint():
