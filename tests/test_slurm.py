@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import REPO, read_output
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo")
+SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo", "squeue")
 # Debian 12 ships Slurm 22.05: auth/slurm (a key file, no daemon) arrived in 23.11, so a one-host cluster
 # uses auth/none + cred/none rather than running munged; both daemons and all clients are on this host.
 SLURM_CONF = """\
@@ -116,7 +116,14 @@ def slurm(tmp_path_factory) -> dict[str, str]:
         # The job's ranks run `python -m clip_fabric` and `scontrol`: this interpreter's environment first.
         yield env | {"PATH": f"{Path(sys.executable).parent}:{env['PATH']}", "HF_HUB_OFFLINE": "1"}
     finally:
+        # Jobs end before the daemons stop, or their slurmstepd processes outlive the test.
         subprocess.run(["scancel", "--full", "--user=root"], env=env, capture_output=True)
+        deadline = time.monotonic() + 20
+        while (
+            time.monotonic() < deadline
+            and subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True).stdout.strip()
+        ):
+            time.sleep(0.5)
         for daemon in daemons:
             daemon.terminate()
         for daemon in daemons:
