@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 DataFormat = Literal["folder", "files", "webdataset", "synthetic"]
+Decode = Literal["auto", "gpu", "cpu", "pil"]
 Mode = Literal["image", "text", "both", "pair", "zeroshot"]
 
 # What each mode writes: embeddings of a tower (``image``, ``text``) and/or the image-caption cosine
@@ -63,8 +64,14 @@ class DataArgs:
     ``webdataset`` (tar shards) or ``synthetic`` (generated images, for smoke tests and benchmarks)."""
     source: str | None = None
     """Folder path, list file, or webdataset path / brace pattern / ``pipe:`` URL. Unused for synthetic."""
-    batch_size: int = 256
-    """Samples per forward pass."""
+    batch_size: int | Literal["auto"] = "auto"
+    """Samples per forward pass, or ``auto``: the largest power of two up to 1024 that fits the GPU's free
+    memory, measured with one probe batch (256 on the CPU)."""
+    decode: Decode = "auto"
+    """Where images are decoded: ``gpu`` (JPEGs decoded and resized in batches on the GPU; other formats on
+    the CPU), ``cpu`` (DataLoader workers; large JPEGs decoded at a reduced DCT scale), ``pil`` (open_clip's
+    own preprocess on a full decode: the reference, slowest) or ``auto`` (``gpu`` on CUDA when nvJPEG
+    works, else ``cpu``). See docs/throughput.md for how close the paths are."""
     num_workers: int = 4
     """DataLoader worker processes per rank that read and decode samples."""
     shard_size: int = 10_000
@@ -84,7 +91,7 @@ class DataArgs:
     null lifts the limit."""
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
+        if self.batch_size != "auto" and self.batch_size < 1:
             raise ValueError(f"--data.batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise ValueError(f"--data.num_workers must be >= 0, got {self.num_workers}")

@@ -48,3 +48,41 @@ class SplittingEncoder:
                 continue
             start = stop
         return {tower: torch.cat([p[tower] for p in parts]) for tower in parts[0]}
+
+
+DEFAULT_BATCH_SIZE = 256
+
+
+def auto_batch_size(
+    encode: Callable[..., object],
+    inputs: Callable[[int], tuple],
+    device: torch.device,
+    limit: int = 1024,
+    probe: int = 16,
+    headroom: float = 0.7,
+    extra_bytes_per_sample: int = 0,
+) -> int:
+    """The largest power of two up to ``limit`` whose batch fits in ``headroom`` of the device memory
+    still free, from the peak memory of one probe batch of ``probe`` samples; ``DEFAULT_BATCH_SIZE``
+    where the device is not a GPU. ``extra_bytes_per_sample`` reserves room for other per-sample buffers
+    (batches in flight, GPU decoding)."""
+    if device.type != "cuda":
+        return DEFAULT_BATCH_SIZE
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    encode(*inputs(probe))
+    torch.cuda.synchronize(device)
+    per_sample = (torch.cuda.max_memory_allocated(device) - before) / probe + extra_bytes_per_sample
+    free, _ = torch.cuda.mem_get_info(device)
+    # Memory the caching allocator holds but does not use is free to this process too.
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    fits = int(headroom * free / max(per_sample, 1))
+    size = 1 << max(fits, 1).bit_length() - 1
+    log.info(
+        "auto batch size: %d (%.1f MB per sample, %.1f GB free)",
+        min(size, limit),
+        per_sample / 1e6,
+        free / 1e9,
+    )
+    return max(1, min(size, limit))

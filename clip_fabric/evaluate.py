@@ -15,15 +15,14 @@ from typing import Literal
 import torch
 from lightning.fabric import Fabric
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.distributed import ReduceOp
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 from tqdm import tqdm
 
 from clip_fabric.config import DataArgs, ModelArgs
 from clip_fabric.data import Source, build_source
-from clip_fabric.data.decode import CpuDecoder
-from clip_fabric.data.stream import ShardStream
+from clip_fabric.data.pipeline import choose_batch_size, device_batches, resolve_decode
 from clip_fabric.encode import SplittingEncoder
 from clip_fabric.model import Encoder, check_model, load_model
 from clip_fabric.precision import build_precision
@@ -134,21 +133,24 @@ def main(
 ) -> dict:
     model, preprocess, tokenizer = load_model(model_args)
     # Split like predict's, so a batch that runs out of memory is retried in halves, not lost.
-    encoder = SplittingEncoder(
-        fabric.setup_module(Encoder(model, frozenset({"image", "text"}))), data.batch_size
-    )
+    module = fabric.setup_module(Encoder(model, frozenset({"image", "text"})))
     shards = source.shards()
     split = data_parallel(fabric.strategy, fabric.global_rank, fabric.world_size)
     mine = shards[split[0] :: split[1]] if split else []
-    stream = ShardStream(
-        source,
-        mine,
-        CpuDecoder(preprocess, tokenizer, data.max_image_pixels),
-        data.batch_size,
-        need_image=True,
-        need_text=task == "retrieval",
+    decode = resolve_decode(data.decode, fabric.device, preprocess)
+    image_size = model.visual.image_size
+    batch_size = choose_batch_size(
+        data, module, image_size[0] if isinstance(image_size, (tuple, list)) else image_size,
+        model.context_length if task == "retrieval" else None, fabric.device, decode,
+    )  # fmt: skip
+    batch_size = int(
+        fabric.all_reduce(torch.tensor(batch_size, device=fabric.device), reduce_op=ReduceOp.MIN)
     )
-    loader = DataLoader(stream, batch_size=None, num_workers=min(data.num_workers, len(mine)))
+    encoder = SplittingEncoder(module, batch_size)
+    loader = device_batches(
+        source, mine, preprocess, tokenizer, data, batch_size, fabric.device, decode,
+        need_image=True, need_text=task == "retrieval",
+    )  # fmt: skip
     # Ranks of one tensor-parallel group see the same batches: only the first one counts them.
     counts = writes(fabric.strategy)
     progress = tqdm(desc=f"evaluating {len(mine)} shards", unit=" samples", disable=fabric.global_rank != 0)
@@ -181,7 +183,7 @@ def _zeroshot(fabric, encoder, tokenizer, loader, classes, templates, data, coun
     """Top-k accuracy of ``argmax(image @ classifier.T)``; torchmetrics sums the counts over ranks."""
     weights = sharded_classifier(
         fabric, lambda tokens: encoder(None, fabric.to_device(tokens))["text"], tokenizer, classes, templates,
-        data.batch_size,
+        encoder.max_batch,
     ).to(fabric.device)  # fmt: skip
     accuracy = {
         f"top{k}": MulticlassAccuracy(num_classes=len(classes), top_k=k, average="micro").to(fabric.device)
@@ -197,7 +199,7 @@ def _zeroshot(fabric, encoder, tokenizer, loader, classes, templates, data, coun
             continue
         labels = torch.tensor([_label(row, class_index) for row in batch["rows"]], device=fabric.device)
         # Every rank encodes (tensor-parallel ranks compute each batch together); only counting ones count.
-        images = encoder(fabric.to_device(batch["images"]), None)["image"].to(fabric.device)
+        images = encoder(batch["images"], None)["image"].to(fabric.device)
         if counts:
             for metric in accuracy.values():
                 metric.update(images @ weights.T, labels)
@@ -217,7 +219,7 @@ def _retrieval(fabric, encoder, loader, counts, progress):
         if not batch["rows"]:
             continue
         # Every rank encodes (tensor-parallel ranks compute each batch together); only counting ones keep it.
-        out = encoder(fabric.to_device(batch["images"]), fabric.to_device(batch["texts"]))
+        out = encoder(batch["images"], batch["texts"])
         if counts:
             images.append(out["image"].to(fabric.device))
             texts.append(out["text"].to(fabric.device))

@@ -15,17 +15,16 @@ from pathlib import Path
 
 import torch
 from lightning.fabric import Fabric
-from torch.utils.data import DataLoader
+from torch.distributed import ReduceOp
 from tqdm import tqdm
 
 from clip_fabric.config import MODE_OUTPUTS, DataArgs, Mode, ModelArgs, OutputArgs, ZeroShotArgs
 from clip_fabric.data import Source, build_source
-from clip_fabric.data.decode import CpuDecoder
-from clip_fabric.data.stream import ShardStream
-from clip_fabric.encode import SplittingEncoder
+from clip_fabric.data.pipeline import choose_batch_size, device_batches, resolve_decode
+from clip_fabric.encode import DEFAULT_BATCH_SIZE, SplittingEncoder
 from clip_fabric.model import Encoder, check_model, load_model
 from clip_fabric.precision import build_precision, resolve_precision
-from clip_fabric.preemption import StopRequest, ignore_stop_signals, requeue_slurm_job
+from clip_fabric.preemption import StopRequest, requeue_slurm_job
 from clip_fabric.strategies import build_strategy, data_parallel, partner_session, writes
 from clip_fabric.topology import TowerLayout
 from clip_fabric.writers import DONE_DIR, EMBEDDING_DIRS, ShardWriter, done_shards
@@ -99,6 +98,8 @@ def setup(
         raise ValueError(
             f"--threshold filters image-caption pairs: use it with --mode pair or both, not {mode}"
         )
+    if data.decode == "gpu" and accelerator == "cpu":
+        raise ValueError("--data.decode gpu needs --accelerator cuda (or auto on a GPU machine); use cpu")
     check_model(model)
     source = build_source(data, text_only=mode == "text")
     run = {
@@ -148,7 +149,7 @@ def main(
 
     model, preprocess, tokenizer = load_model(model_args)
     encoder = SplittingEncoder(
-        fabric.setup_module(Encoder(model, MODE_OUTPUTS[mode], zeroshot.top_k)), data.batch_size
+        fabric.setup_module(Encoder(model, MODE_OUTPUTS[mode], zeroshot.top_k)), DEFAULT_BATCH_SIZE
     )
     class_names = None
     if "topk" in MODE_OUTPUTS[mode]:
@@ -165,21 +166,13 @@ def main(
     done = done_shards(out_dir)
     split = data_parallel(fabric.strategy, fabric.global_rank, fabric.world_size)
     mine = [s for s in shards[split[0] :: split[1]] if s.index not in done] if split else []
-    stream = ShardStream(
-        source,
-        mine,
-        CpuDecoder(preprocess, tokenizer, data.max_image_pixels),
-        data.batch_size,
-        need_image=mode != "text",
-        need_text=mode != "image",
-    )
-    loader = DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=min(data.num_workers, len(mine)),
-        pin_memory=fabric.device.type == "cuda",
-        worker_init_fn=ignore_stop_signals,
-    )
+    decode = resolve_decode(data.decode, fabric.device, preprocess) if mode != "text" else "none"
+    batch_size = _batch_size(fabric, encoder, model, data, mode, decode)
+    encoder.max_batch = batch_size
+    batches = device_batches(
+        source, mine, preprocess, tokenizer, data, batch_size, fabric.device, decode,
+        need_image=mode != "text", need_text=mode != "image",
+    )  # fmt: skip
     writer = ShardWriter(
         out_dir,
         len(shards),
@@ -190,21 +183,40 @@ def main(
     )
     names = {s.index: s.name for s in mine}
     rows = errors = 0
+    latencies: list[float] = []
+
+    def write(done: _Encoded | None) -> None:
+        """Hand a batch's results to the writer once their copy to the host has landed."""
+        nonlocal rows, errors
+        if done is None:
+            return
+        batch, outputs = done.batch, done.host()
+        writer.add(
+            batch["shard"], names[batch["shard"]], batch["rows"], batch["errors"], outputs, batch["last"]
+        )
+        rows += len(batch["rows"]) * writer.enabled
+        errors += len(batch["errors"]) * writer.enabled
+        latencies.append(time.perf_counter() - done.started)
+        progress.update(len(batch["rows"]))
+
+    if fabric.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(fabric.device)
     start = time.perf_counter()
     progress = tqdm(desc=f"embedding {len(mine)} shards", unit=" samples", disable=fabric.global_rank != 0)
+    pending: _Encoded | None = None
     with torch.inference_mode(), StopRequest() as stop, partner_session(fabric.strategy, encoder.module):
-        for batch in loader:
-            if stop and batch["shard"] not in writer.open_shards:
-                if not writer.open_shards:
-                    break
-                continue  # a shard not begun before the signal is left whole for the rerun
-            outputs = _encode(fabric, encoder, batch) if batch["rows"] else {}
-            writer.add(
-                batch["shard"], names[batch["shard"]], batch["rows"], batch["errors"], outputs, batch["last"]
-            )
-            rows += len(batch["rows"]) * writer.enabled
-            errors += len(batch["errors"]) * writer.enabled
-            progress.update(len(batch["rows"]))
+        for batch in batches:
+            if stop:
+                write(pending)
+                pending = None
+                if batch["shard"] not in writer.open_shards:
+                    if not writer.open_shards:
+                        break
+                    continue  # a shard not begun before the signal is left whole for the rerun
+            # This batch's results copy back while the next batch is queued on the device.
+            pending, previous = _Encoded.start(encoder, batch), pending
+            write(previous)
+        write(pending)
     writer.close()
     progress.close()
     seconds = time.perf_counter() - start
@@ -212,6 +224,14 @@ def main(
     rows = int(counts[0])
     fabric.barrier()
     summary = _summarize(out_dir, run, len(shards), rows, int(counts[1]), seconds, fabric.world_size)
+    summary["this_run"] |= {
+        "batch_size": batch_size,
+        "decode": decode,
+        "batch_latency_ms": _percentiles(latencies),
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated(fabric.device) / 1e9, 3)
+        if fabric.device.type == "cuda"
+        else None,
+    }
     if fabric.global_rank == 0:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         if stop and summary["shards_done"] < summary["shards_total"] and not requeue_slurm_job():
@@ -225,18 +245,60 @@ def main(
     return summary
 
 
-def _encode(fabric: Fabric, encoder: SplittingEncoder, batch: dict) -> dict:
-    images, texts = (
-        fabric.to_device(batch[k]) if batch[k] is not None else None for k in ("images", "texts")
-    )
-    return {tower: e.cpu().numpy() for tower, e in encoder(images, texts).items()}
+class _Encoded:
+    """A batch whose results are on their way to pinned host memory."""
+
+    def __init__(self, batch: dict, outputs: dict[str, torch.Tensor], started: float) -> None:
+        self.batch, self.started = batch, started
+        self.outputs = {k: v.to("cpu", non_blocking=True) for k, v in outputs.items()}
+        self.event = None
+        if any(v.device.type == "cuda" for v in outputs.values()):
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    @classmethod
+    def start(cls, encoder: SplittingEncoder, batch: dict) -> _Encoded:
+        started = time.perf_counter()
+        return cls(batch, encoder(batch["images"], batch["texts"]) if batch["rows"] else {}, started)
+
+    def host(self) -> dict:
+        if self.event is not None:
+            self.event.synchronize()
+        return {k: v.numpy() for k, v in self.outputs.items()}
+
+
+def _batch_size(fabric: Fabric, encoder: SplittingEncoder, model: torch.nn.Module, data: DataArgs,
+                mode: str, decode: str) -> int:  # fmt: skip
+    """``--data.batch_size``, or what ``auto`` finds on this rank, the smallest over all ranks."""
+    if data.batch_size != "auto":
+        return data.batch_size
+    if not getattr(fabric.strategy, "local_forward", True):
+        fabric.print(f"clip_fabric: batch size {DEFAULT_BATCH_SIZE} (auto cannot probe a paired forward)")
+        return DEFAULT_BATCH_SIZE
+    visual = getattr(model, "visual", None)
+    image_size = getattr(visual, "image_size", None) if mode != "text" else None
+    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
+    context = getattr(model, "context_length", None) if mode not in ("image", "zeroshot") else None
+    with torch.inference_mode():
+        size = choose_batch_size(data, encoder.module, image_size, context, fabric.device, decode)
+    size = int(fabric.all_reduce(torch.tensor(size, device=fabric.device), reduce_op=ReduceOp.MIN))
+    fabric.print(f"clip_fabric: batch size {size} (auto)")
+    return size
+
+
+def _percentiles(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    pick = lambda q: round(1000 * ordered[min(int(q * len(ordered)), len(ordered) - 1)], 2)  # noqa: E731
+    return {"p50": pick(0.5), "p95": pick(0.95), "mean": round(1000 * sum(ordered) / len(ordered), 2)}
 
 
 def _fingerprint(model: ModelArgs, data: DataArgs, output: OutputArgs, mode: str, precision: str) -> dict:
     """What must not change between a run and its resumption: anything that changes the rows written."""
     return {
         "model": asdict(model) | {"cache_dir": None},
-        "data": {k: v for k, v in asdict(data).items() if k not in ("batch_size", "num_workers")},
+        "data": {k: v for k, v in asdict(data).items() if k not in ("batch_size", "num_workers", "decode")},
         "mode": mode,
         "precision": precision,
         "dtype": output.dtype,

@@ -63,6 +63,8 @@ def setup(
     Returns:
         The report: model, device, input counts and one row per precision.
     """
+    if data.batch_size == "auto":
+        raise ValueError("verify-precision times fixed batches: give --data.batch_size a number")
     names = [name.strip() for name in precision.split(",") if name.strip()]
     if not names:
         raise ValueError("--precision is empty: give one name or several, comma-separated")

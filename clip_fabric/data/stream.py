@@ -3,6 +3,10 @@
 Each worker takes every n-th shard of the rank, reads and decodes its samples in order, and ends each
 shard with a batch marked ``last``, so the writer knows when a shard's rows are all in. A sample that
 cannot be read or decoded becomes an error record in its batch instead of an exception.
+
+With ``gpu_jpeg`` the JPEGs the GPU decoder takes are checked (header, size) but not decoded: their bytes
+travel packed in one tensor (``jpeg_data``, ``jpeg_lengths``), and ``image_rows``/``jpeg_rows`` say which
+rows of the batch each image tensor belongs to; ``clip_fabric.data.gpu`` decodes them on the device.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clip_fabric.data import RawSample, Shard, Source
-from clip_fabric.data.decode import CpuDecoder
+from clip_fabric.data.decode import CpuDecoder, jpeg_header, pack_bytes
+
+GPU_JPEG_MODES = ("RGB", "L")
 
 Batch = dict[str, Any]
 
@@ -28,6 +34,7 @@ class ShardStream(IterableDataset):
         batch_size: int,
         need_image: bool,
         need_text: bool,
+        gpu_jpeg: bool = False,
     ) -> None:
         self.source = source
         self.shards = shards
@@ -35,6 +42,7 @@ class ShardStream(IterableDataset):
         self.batch_size = batch_size
         self.need_image = need_image
         self.need_text = need_text
+        self.gpu_jpeg = gpu_jpeg
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -50,8 +58,7 @@ class ShardStream(IterableDataset):
                 errors.append({"key": raw.key, "source": shard.name, "reason": reason})
                 continue
             rows.append({"key": raw.key, **raw.meta, "caption": raw.caption})
-            if image is not None:
-                images.append(image)
+            images.append(image)
             if self.need_text:
                 captions.append(raw.caption)
             if len(rows) == self.batch_size:
@@ -59,7 +66,8 @@ class ShardStream(IterableDataset):
                 rows, images, captions, errors = [], [], [], []
         yield self._batch(shard, rows, images, captions, errors, last=True)
 
-    def _decode(self, raw: RawSample) -> tuple[torch.Tensor | None, str | None]:
+    def _decode(self, raw: RawSample) -> tuple[torch.Tensor | bytes | None, str | None]:
+        """The image tensor (or, for the GPU decoder, the checked JPEG bytes), or why there is none."""
         if raw.error is not None:
             return None, raw.error
         if self.need_text and not (raw.caption and raw.caption.strip()):
@@ -67,6 +75,11 @@ class ShardStream(IterableDataset):
         if not self.need_image:
             return None, None
         try:
+            if self.gpu_jpeg:
+                header = jpeg_header(raw.image)
+                if header is not None and header.mode in GPU_JPEG_MODES and not header.progressive:
+                    self.decoder.check_pixels(header.width, header.height)
+                    return raw.image, None
             return self.decoder.image(raw.image), None
         except Exception as err:  # noqa: BLE001 - whatever a broken file raises, the job goes on
             return None, f"undecodable image: {type(err).__name__}: {err}"
@@ -74,11 +87,27 @@ class ShardStream(IterableDataset):
     def _batch(
         self, shard: Shard, rows: list, images: list, captions: list, errors: list, last: bool
     ) -> Batch:
-        return {
+        batch = {
             "shard": shard.index,
+            "source": shard.name,
             "rows": rows,
-            "images": torch.stack(images) if images else None,
+            "images": None,
             "texts": self.decoder.texts(captions) if captions else None,
             "errors": errors,
             "last": last,
+        }
+        if not self.need_image or not images:
+            return batch
+        tensors = [i for i, image in enumerate(images) if isinstance(image, torch.Tensor)]
+        if len(tensors) == len(images):
+            batch["images"] = torch.stack(images)
+            return batch
+        jpegs = [i for i, image in enumerate(images) if not isinstance(image, torch.Tensor)]
+        data, lengths = pack_bytes([images[i] for i in jpegs])
+        return batch | {
+            "images": torch.stack([images[i] for i in tensors]) if tensors else None,
+            "image_rows": torch.tensor(tensors, dtype=torch.int64),
+            "jpeg_data": data,
+            "jpeg_lengths": lengths,
+            "jpeg_rows": torch.tensor(jpegs, dtype=torch.int64),
         }

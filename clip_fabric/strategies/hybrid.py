@@ -42,6 +42,8 @@ class PairedEncoder(nn.Module):
 
 
 class HybridTowerStrategy(InferenceDDPStrategy):
+    local_forward = False  # a vision rank's forward waits for its partner: no rank can probe alone
+
     def __init__(self, layout: TowerLayout = "adjacent", **kwargs) -> None:
         super().__init__(**kwargs)
         self.layout = layout

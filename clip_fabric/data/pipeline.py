@@ -1,0 +1,86 @@
+"""A rank's batches, from its shards to tensors on its device: the one place that assembles
+source -> decode (DataLoader workers) -> batch -> device (and GPU decode), for predict and evaluate."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+from clip_fabric.config import DataArgs
+from clip_fabric.data import Shard, Source
+from clip_fabric.data.decode import CpuDecoder, ImageSpec
+from clip_fabric.data.gpu import DeviceImageDecoder, gpu_decode_available
+from clip_fabric.data.prefetch import DevicePrefetcher
+from clip_fabric.data.stream import ShardStream
+from clip_fabric.encode import auto_batch_size
+from clip_fabric.preemption import ignore_stop_signals
+
+log = logging.getLogger(__name__)
+# Room kept per sample for what the GPU decoder holds besides the model's activations: the decoded
+# image and its float copy for photos up to about 1 megapixel, and the batches in flight.
+GPU_DECODE_BYTES_PER_SAMPLE = 16 * 1024 * 1024
+
+
+def resolve_decode(decode: str, device: torch.device, preprocess: Callable) -> str:
+    """The decode path that runs: ``auto`` becomes ``gpu`` where nvJPEG works on the device, else ``cpu``."""
+    if decode == "gpu" and device.type != "cuda":
+        raise ValueError(f"--data.decode gpu needs a CUDA device, this rank has {device}; use cpu or auto")
+    if decode in ("gpu", "auto") and ImageSpec.from_preprocess(preprocess) is None:
+        log.warning("this model's preprocess is not resize+center-crop: decoding with it on the CPU")
+        return "pil"
+    if decode == "auto":
+        return "gpu" if gpu_decode_available(device) else "cpu"
+    return decode
+
+
+def choose_batch_size(
+    data: DataArgs,
+    encode: Callable,
+    image_size: int | None,
+    context_length: int | None,
+    device: torch.device,
+    decode: str,
+) -> int:
+    """``--data.batch_size``, or the size ``auto`` picks on this device for the towers that run."""
+    if data.batch_size != "auto":
+        return data.batch_size
+
+    def inputs(n: int) -> tuple:
+        images = torch.zeros(n, 3, image_size, image_size, device=device) if image_size else None
+        texts = torch.zeros(n, context_length, dtype=torch.int64, device=device) if context_length else None
+        return images, texts
+
+    extra = GPU_DECODE_BYTES_PER_SAMPLE if decode == "gpu" else 0
+    return auto_batch_size(encode, inputs, device, extra_bytes_per_sample=extra)
+
+
+def device_batches(
+    source: Source,
+    shards: list[Shard],
+    preprocess: Callable,
+    tokenizer: Callable,
+    data: DataArgs,
+    batch_size: int,
+    device: torch.device,
+    decode: str,
+    need_image: bool,
+    need_text: bool,
+) -> DevicePrefetcher:
+    """Batches of ``shards`` with ``images``/``texts`` on ``device``; ``decode`` as resolved."""
+    cpu = CpuDecoder(preprocess, tokenizer, data.max_image_pixels, mode="pil" if decode == "pil" else "cpu")
+    gpu = decode == "gpu" and need_image
+    stream = ShardStream(source, shards, cpu, batch_size, need_image, need_text, gpu_jpeg=gpu)
+    workers = min(data.num_workers, len(shards))  # a worker reads whole shards: no more than there are
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=ignore_stop_signals,
+        prefetch_factor=4 if workers else None,
+    )
+    stage = DeviceImageDecoder(cpu.spec, cpu, device) if gpu else None
+    return DevicePrefetcher(loader, device, stage)

@@ -1,0 +1,217 @@
+"""The fast data path on the CPU: batched tensor preprocessing (the GPU decoder's code, run on the CPU),
+scaled JPEG decoding, the prefetching hop to the device, and the automatic batch size."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from clip_fabric import encode
+from clip_fabric.config import DataArgs, ModelArgs, OutputArgs
+from clip_fabric.data import RawSample, Shard
+from clip_fabric.data.decode import CpuDecoder, ImageSpec, jpeg_header
+from clip_fabric.data.gpu import DeviceImageDecoder
+from clip_fabric.data.prefetch import DevicePrefetcher
+from clip_fabric.data.stream import ShardStream
+from clip_fabric.data.synthetic import synthetic_jpeg
+from clip_fabric.encode import auto_batch_size
+from clip_fabric.predict import setup
+from tests.conftest import jpeg_bytes
+
+PREPROCESS = open_clip.image_transform(224, is_train=False)
+
+
+def encoded(size: tuple[int, int], mode: str = "RGB", fmt: str = "JPEG", **save) -> bytes:
+    """A smooth picture (like a photo, unlike noise, so resampling filters compare fairly)."""
+    image = Image.open(io.BytesIO(synthetic_jpeg(sum(size), size))).convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+class ListSource:
+    def __init__(self, samples: list[RawSample]) -> None:
+        self._samples = samples
+
+    def shards(self) -> list[Shard]:
+        return [Shard(0, "list")]
+
+    def samples(self, shard: Shard):
+        yield from self._samples
+
+
+def batches(samples: list[RawSample], decoder: CpuDecoder, gpu_jpeg: bool, batch_size: int = 16) -> list:
+    stream = ShardStream(ListSource(samples), [Shard(0, "list")], decoder, batch_size, True, True, gpu_jpeg)
+    return list(stream)
+
+
+def test_spec_is_read_off_open_clip_preprocess():
+    spec = ImageSpec.from_preprocess(PREPROCESS)
+    assert spec.resize == 224 and spec.crop == (224, 224)
+    assert spec.mean == open_clip.OPENAI_DATASET_MEAN and spec.std == open_clip.OPENAI_DATASET_STD
+    squash = open_clip.image_transform(224, is_train=False, resize_mode="squash")
+    assert ImageSpec.from_preprocess(squash) is None  # not reproduced: such models take the PIL path
+
+
+def test_batched_tensor_path_matches_open_clip_preprocess():
+    """Each kind of image lands on its own row, within a rounding step of open_clip's preprocess."""
+    images = [
+        encoded((500, 375)),
+        encoded((1024, 768)),
+        encoded((300, 400)),  # portrait
+        encoded((224, 224)),  # no resize
+        encoded((500, 375), mode="L"),  # greyscale JPEG, decoded to RGB
+        encoded((500, 375), progressive=True),  # left to the CPU
+        encoded((320, 240), fmt="PNG"),  # not a JPEG: the CPU
+        encoded((500, 375)),  # two of one size are resized together
+    ]
+    samples = [RawSample(f"k{i}", data, f"caption {i}") for i, data in enumerate(images)]
+    cpu = CpuDecoder(PREPROCESS, open_clip.get_tokenizer("ViT-B-32"), mode="pil")
+    [reference] = batches(samples, cpu, gpu_jpeg=False)
+    [packed] = batches(samples, cpu, gpu_jpeg=True)
+    assert packed["jpeg_rows"].tolist() == [0, 1, 2, 3, 4, 7] and packed["image_rows"].tolist() == [5, 6]
+    out = DeviceImageDecoder(cpu.spec, cpu, torch.device("cpu"))(packed)
+    assert out["images"].shape == reference["images"].shape and "jpeg_data" not in out
+    diff = (out["images"] - reference["images"]).abs()
+    # Normalised units: one uint8 step is about 0.015; torch's antialiased bicubic is PIL's filter.
+    assert diff.mean() < 0.01, diff.mean()
+    assert diff.amax(dim=(1, 2, 3)).max() < 0.2
+    cos = torch.nn.functional.cosine_similarity(out["images"].flatten(1), reference["images"].flatten(1))
+    assert cos.min() > 0.9999
+    assert torch.equal(out["images"][5:7], reference["images"][5:7])  # the CPU rows untouched
+    assert torch.equal(out["texts"], reference["texts"])
+
+
+def test_jpeg_only_the_device_rejects_becomes_an_error_record():
+    good = encoded((64, 48))
+    broken = good[:200] + b"\x00" * (len(good) - 200)  # a header that parses, entropy data that does not
+    samples = [RawSample("a", good, "one"), RawSample("b", broken, "two"), RawSample("c", good, "three")]
+    cpu = CpuDecoder(PREPROCESS, open_clip.get_tokenizer("ViT-B-32"))
+    assert jpeg_header(broken) is not None
+    [packed] = batches(samples, cpu, gpu_jpeg=True)
+    out = DeviceImageDecoder(cpu.spec, cpu, torch.device("cpu"))(packed)
+    # Whether libjpeg refuses the file or pads it grey is its call; if it fails, the row moves to errors.
+    kept = [r["key"] for r in out["rows"]]
+    failed = [e["key"] for e in out["errors"]]
+    assert sorted(kept + failed) == ["a", "b", "c"] and len(out["images"]) == len(kept) == len(out["texts"])
+    assert all(e["source"] == "list" and "undecodable" in e["reason"] for e in out["errors"])
+
+
+def test_truncated_batch_falls_back_one_image_at_a_time():
+    good, other = encoded((64, 48)), encoded((80, 60))
+    samples = [RawSample("a", good, "x"), RawSample("b", b"\xff\xd8\xff" + b"\x00" * 50, "y"),
+               RawSample("c", other, "z")]  # fmt: skip
+    cpu = CpuDecoder(PREPROCESS, open_clip.get_tokenizer("ViT-B-32"))
+    [packed] = batches(samples, cpu, gpu_jpeg=True)
+    # The header of "b" does not parse: the worker already recorded it; the others go on.
+    assert [e["key"] for e in packed["errors"]] == ["b"]
+    out = DeviceImageDecoder(cpu.spec, cpu, torch.device("cpu"))(packed)
+    assert [r["key"] for r in out["rows"]] == ["a", "c"] and out["images"].shape[0] == 2
+
+
+def test_scaled_cpu_decode_is_close_and_only_for_large_jpegs():
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    pil, fast = CpuDecoder(PREPROCESS, tokenizer, mode="pil"), CpuDecoder(PREPROCESS, tokenizer, mode="cpu")
+    small = encoded((400, 300))  # under twice the input size: decoded whole, identical
+    assert torch.equal(pil.image(small), fast.image(small))
+    large = encoded((1600, 1200))
+    a, b = pil.image(large), fast.image(large)
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+    with pytest.raises(Image.DecompressionBombError):
+        CpuDecoder(PREPROCESS, tokenizer, max_image_pixels=1000, mode="cpu").image(large)
+
+
+def test_prefetcher_in_background_keeps_order_and_raises_source_errors():
+    items = [{"images": torch.full((2, 3), float(i)), "texts": None, "rows": [i]} for i in range(7)]
+    out = list(DevicePrefetcher(items, torch.device("cpu"), background=True))
+    assert [b["rows"] for b in out] == [[i] for i in range(7)]
+
+    def broken():
+        yield {"images": None, "texts": None, "rows": []}
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(DevicePrefetcher(broken(), torch.device("cpu"), background=True))
+    # A consumer that stops early does not hang on the producer.
+    endless = ({"images": None, "texts": None, "rows": [i]} for i in range(10**9))
+    for batch in DevicePrefetcher(endless, torch.device("cpu"), depth=1, background=True):
+        if batch["rows"][0] == 3:
+            break
+
+
+def test_auto_batch_size_fills_free_memory_to_a_power_of_two(monkeypatch):
+    assert auto_batch_size(lambda *a: None, lambda n: (), torch.device("cpu")) == encode.DEFAULT_BATCH_SIZE
+    state = {"peak": 0}
+    per_sample = 10 * 2**20  # 10 MiB of activations per sample
+
+    def probe(images, texts):
+        state["peak"] = len(images) * per_sample
+
+    cuda = torch.cuda
+    for name, value in {
+        "synchronize": lambda *a: None,
+        "reset_peak_memory_stats": lambda *a: None,
+        "memory_allocated": lambda *a: 0,
+        "memory_reserved": lambda *a: 0,
+        "max_memory_allocated": lambda *a: state["peak"],
+        "mem_get_info": lambda *a: (4 * 2**30, 80 * 2**30),  # 4 GiB free
+    }.items():
+        monkeypatch.setattr(cuda, name, value)
+    device = torch.device("cuda")
+    inputs = lambda n: (torch.zeros(n), None)  # noqa: E731
+    # 0.7 x 4 GiB / 10 MiB = 286.7 -> 256
+    assert auto_batch_size(probe, inputs, device) == 256
+    # 6 MiB more per sample for the GPU decoder: 0.7 x 4 GiB / 16 MiB = 179 -> 128
+    assert auto_batch_size(probe, inputs, device, extra_bytes_per_sample=6 * 2**20) == 128
+    monkeypatch.setattr(cuda, "mem_get_info", lambda *a: (200 * 2**30, 200 * 2**30))
+    assert auto_batch_size(probe, inputs, device) == 1024  # capped
+    monkeypatch.setattr(cuda, "mem_get_info", lambda *a: (2**20, 2**30))
+    assert auto_batch_size(probe, inputs, device) == 1
+
+
+def test_predict_reports_batch_size_decode_latency(tmp_path, tiny_config, image_folder):
+    summary = setup(
+        model=ModelArgs(config=str(tiny_config)),
+        data=DataArgs(format="folder", source=str(image_folder), num_workers=0, decode="cpu"),
+        output=OutputArgs(dir=str(tmp_path / "out"), dtype="float32"),
+        accelerator="cpu",
+    )
+    run = summary["this_run"]
+    assert run["batch_size"] == encode.DEFAULT_BATCH_SIZE and run["decode"] == "cpu"
+    assert run["batch_latency_ms"]["p50"] > 0 and run["peak_memory_gb"] is None
+    assert summary["rows"] == 11
+
+
+def test_decode_gpu_on_cpu_fails_before_work(tmp_path, tiny_config, image_folder):
+    with pytest.raises(ValueError, match="--data.decode gpu needs"):
+        setup(
+            model=ModelArgs(config=str(tiny_config)),
+            data=DataArgs(format="folder", source=str(image_folder), decode="gpu"),
+            output=OutputArgs(dir=str(tmp_path / "out")),
+            accelerator="cpu",
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_noise_jpeg_rows_keep_their_order_in_mixed_batches():
+    """Rows decoded on either side come back in their original order (noise images tell them apart)."""
+    images = [jpeg_bytes(i, (40 + i, 30), fmt="PNG" if i % 3 == 0 else "JPEG") for i in range(9)]
+    samples = [RawSample(f"k{i}", data, f"c{i}") for i, data in enumerate(images)]
+    cpu = CpuDecoder(PREPROCESS, open_clip.get_tokenizer("ViT-B-32"))
+    reference = batches(samples, cpu, gpu_jpeg=False, batch_size=4)
+    packed = batches(samples, cpu, gpu_jpeg=True, batch_size=4)
+    decoder = DeviceImageDecoder(cpu.spec, cpu, torch.device("cpu"))
+    for ref, pack in zip(reference, packed, strict=True):
+        out = decoder(pack)
+        assert [r["key"] for r in out["rows"]] == [r["key"] for r in ref["rows"]]
+        cos = torch.nn.functional.cosine_similarity(out["images"].flatten(1), ref["images"].flatten(1))
+        assert cos.min() > 0.99, cos
+        # And each row is closer to its own reference than to any other row.
+        sims = out["images"].flatten(1) @ ref["images"].flatten(1).T
+        assert torch.equal(sims.argmax(1), torch.arange(len(out["rows"])))
+    assert np.isfinite(out["images"].numpy()).all()
