@@ -29,6 +29,8 @@ def test_cuda_rows_equal_cpu_rows(tmp_path, tiny_config, tiny_checkpoint, image_
         "float32",
         "--data.num_workers",
         "2",
+        "--data.decode",
+        "pil",  # the same preprocess on both sides: this compares the model's arithmetic
     ]
     cpu = run_cli("predict", "--accelerator", "cpu", "--output.dir", str(tmp_path / "cpu"), *common)
     gpu = run_cli(
@@ -48,3 +50,95 @@ def test_cuda_rows_equal_cpu_rows(tmp_path, tiny_config, tiny_checkpoint, image_
         assert a_keys == b_keys and len(a_keys) == 11
         # fp32 on the GPU may use other kernels; TF32 is off by default for matmuls in PyTorch.
         assert np.all(1 - (a.astype(np.float64) * b).sum(-1) < 1e-5)
+
+
+def test_gpu_jpeg_decode_matches_pil_preprocess():
+    """nvJPEG + batched resize on the GPU against open_clip's PIL preprocess, image by image."""
+    import open_clip
+
+    from clip_fabric.data import RawSample
+    from clip_fabric.data.decode import CpuDecoder
+    from clip_fabric.data.gpu import DeviceImageDecoder, gpu_decode_available
+    from tests.test_throughput import PREPROCESS, batches, encoded
+
+    device = torch.device("cuda")
+    assert gpu_decode_available(device)
+    images = [
+        encoded((500, 375)),
+        encoded((1024, 768)),
+        encoded((300, 400)),
+        encoded((500, 375), mode="L"),
+        encoded((500, 375), progressive=True),
+        encoded((320, 240), fmt="PNG"),
+        encoded((500, 375)),
+    ]
+    good = encoded((64, 48))
+    broken = good[:200] + b"\x00" * (len(good) - 200)
+    samples = [RawSample(f"k{i}", d, f"c{i}") for i, d in enumerate([*images, broken])]
+    cpu = CpuDecoder(PREPROCESS, open_clip.get_tokenizer("ViT-B-32"), mode="pil")
+    [reference] = batches(samples[:-1], cpu, gpu_jpeg=False)
+    [packed] = batches(samples, cpu, gpu_jpeg=True)
+    out = DeviceImageDecoder(cpu.spec, cpu, device)(packed)
+    keys = [r["key"] for r in out["rows"]]
+    assert keys[: len(images)] == [f"k{i}" for i in range(len(images))]
+    assert out["images"].device.type == "cuda"
+    diff = (out["images"][: len(images)].cpu() - reference["images"]).abs()
+    print(f"GPU vs PIL preprocess: mean |diff| {diff.mean():.5f}, max {diff.max():.4f} (normalised units)")
+    assert diff.mean() < 0.01 and diff.max() < 0.2
+
+
+@pytest.mark.parametrize("decode", ["gpu", "cpu"])
+def test_decode_paths_embed_like_pil(tmp_path, decode):
+    """Embeddings of ViT-B-32 (random init) through each fast path against the PIL path."""
+    from tests.conftest import write_tar
+    from tests.test_throughput import encoded
+
+    samples = [
+        {"__key__": f"{i:04d}", "jpg": encoded((900 + 7 * i, 675 + 5 * i)), "txt": b"x"} for i in range(48)
+    ]
+    source = str(write_tar(tmp_path / "s-0.tar", samples))
+    common = [
+        "--data.format",
+        "webdataset",
+        "--data.source",
+        source,
+        "--output.dtype",
+        "float32",
+        "--accelerator",
+        "cuda",
+        "--data.num_workers",
+        "2",
+        "--data.batch_size",
+        "16",
+    ]
+    runs = {}
+    for path in ("pil", decode):
+        result = run_cli("predict", *common, "--data.decode", path, "--output.dir", str(tmp_path / path))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[path] = read_output(tmp_path / path)
+    (a, keys_a), (b, keys_b) = runs["pil"], runs[decode]
+    assert keys_a == keys_b and len(keys_a) == 48
+    cos = (a.astype(np.float64) * b).sum(-1)
+    print(f"{decode} vs pil embeddings (ViT-B-32, random): min cosine {cos.min():.6f}, mean {cos.mean():.6f}")
+    assert cos.min() > 0.999
+
+
+def test_auto_batch_size_on_the_gpu(tmp_path, tiny_config):
+    result = run_cli(
+        "predict",
+        "--model.config",
+        str(tiny_config),
+        "--accelerator",
+        "cuda",
+        "--data.num_samples",
+        "64",
+        "--data.num_workers",
+        "1",
+        "--output.dir",
+        str(tmp_path / "o"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    run = json.loads((tmp_path / "o" / "summary.json").read_text())["this_run"]
+    assert run["batch_size"] == 1024 and run["decode"] == "gpu" and run["peak_memory_gb"] > 0
