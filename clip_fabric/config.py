@@ -72,6 +72,9 @@ class DataArgs:
     the CPU), ``cpu`` (DataLoader workers; large JPEGs decoded at a reduced DCT scale), ``pil`` (open_clip's
     own preprocess on a full decode: the reference, slowest) or ``auto`` (``gpu`` on CUDA when nvJPEG
     works, else ``cpu``). See docs/throughput.md for how close the paths are."""
+    cpu_decode_share: float = 0.0
+    """With ``gpu`` decoding: the share of JPEGs the DataLoader workers decode anyway, so that idle CPU
+    cores add to the GPU decoder when it is the bottleneck (which JPEGs is fixed by their position)."""
     num_workers: int = 4
     """DataLoader worker processes per rank that read and decode samples."""
     shard_size: int = 10_000
@@ -99,6 +102,8 @@ class DataArgs:
             raise ValueError(f"--data.shard_size must be >= 1, got {self.shard_size}")
         if self.max_image_pixels is not None and self.max_image_pixels < 1:
             raise ValueError(f"--data.max_image_pixels must be >= 1 or null, got {self.max_image_pixels}")
+        if not 0.0 <= self.cpu_decode_share <= 1.0:
+            raise ValueError(f"--data.cpu_decode_share must be within [0, 1], got {self.cpu_decode_share}")
         if self.num_samples < 0:
             raise ValueError(f"--data.num_samples must be >= 0, got {self.num_samples}")
         if self.format == "synthetic":

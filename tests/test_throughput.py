@@ -215,3 +215,13 @@ def test_noise_jpeg_rows_keep_their_order_in_mixed_batches():
         sims = out["images"].flatten(1) @ ref["images"].flatten(1).T
         assert torch.equal(sims.argmax(1), torch.arange(len(out["rows"])))
     assert np.isfinite(out["images"].numpy()).all()
+
+
+def test_cpu_decode_share_keeps_a_fixed_part_of_jpegs_on_the_cpu():
+    samples = [RawSample(f"k{i}", encoded((64, 48)), f"c{i}") for i in range(12)]
+    cpu = CpuDecoder(PREPROCESS, open_clip.get_tokenizer("ViT-B-32"))
+    stream = ShardStream(ListSource(samples), [Shard(0, "list")], cpu, 16, True, True, True, cpu_share=0.25)
+    [packed] = list(stream)
+    assert packed["image_rows"].tolist() == [3, 7, 11] and len(packed["jpeg_rows"]) == 9
+    with pytest.raises(ValueError, match="cpu_decode_share"):
+        DataArgs(cpu_decode_share=1.5)

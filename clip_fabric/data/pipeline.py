@@ -72,7 +72,9 @@ def device_batches(
     """Batches of ``shards`` with ``images``/``texts`` on ``device``; ``decode`` as resolved."""
     cpu = CpuDecoder(preprocess, tokenizer, data.max_image_pixels, mode="pil" if decode == "pil" else "cpu")
     gpu = decode == "gpu" and need_image
-    stream = ShardStream(source, shards, cpu, batch_size, need_image, need_text, gpu_jpeg=gpu)
+    stream = ShardStream(
+        source, shards, cpu, batch_size, need_image, need_text, gpu_jpeg=gpu, cpu_share=data.cpu_decode_share
+    )
     workers = min(data.num_workers, len(shards))  # a worker reads whole shards: no more than there are
     loader = DataLoader(
         stream,

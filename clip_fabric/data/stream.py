@@ -35,6 +35,7 @@ class ShardStream(IterableDataset):
         need_image: bool,
         need_text: bool,
         gpu_jpeg: bool = False,
+        cpu_share: float = 0.0,
     ) -> None:
         self.source = source
         self.shards = shards
@@ -43,6 +44,7 @@ class ShardStream(IterableDataset):
         self.need_image = need_image
         self.need_text = need_text
         self.gpu_jpeg = gpu_jpeg
+        self.cpu_share = cpu_share
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -52,8 +54,10 @@ class ShardStream(IterableDataset):
 
     def _batches(self, shard: Shard) -> Iterator[Batch]:
         rows, images, captions, errors = [], [], [], []
-        for raw in self.source.samples(shard):
-            image, reason = self._decode(raw)
+        for position, raw in enumerate(self.source.samples(shard)):
+            # Every 1/share-th sample of a shard stays on the CPU: the same ones on every run.
+            on_gpu = self.gpu_jpeg and int((position + 1) * self.cpu_share) == int(position * self.cpu_share)
+            image, reason = self._decode(raw, on_gpu)
             if reason is not None:
                 errors.append({"key": raw.key, "source": shard.name, "reason": reason})
                 continue
@@ -66,7 +70,7 @@ class ShardStream(IterableDataset):
                 rows, images, captions, errors = [], [], [], []
         yield self._batch(shard, rows, images, captions, errors, last=True)
 
-    def _decode(self, raw: RawSample) -> tuple[torch.Tensor | bytes | None, str | None]:
+    def _decode(self, raw: RawSample, on_gpu: bool) -> tuple[torch.Tensor | bytes | None, str | None]:
         """The image tensor (or, for the GPU decoder, the checked JPEG bytes), or why there is none."""
         if raw.error is not None:
             return None, raw.error
@@ -75,7 +79,7 @@ class ShardStream(IterableDataset):
         if not self.need_image:
             return None, None
         try:
-            if self.gpu_jpeg:
+            if on_gpu:
                 header = jpeg_header(raw.image)
                 if header is not None and header.mode in GPU_JPEG_MODES and not header.progressive:
                     self.decoder.check_pixels(header.width, header.height)
