@@ -10,13 +10,14 @@ import sys
 
 from jsonargparse import CLI, set_parsing_settings
 
-from clip_fabric import doctor, evaluate, predict, verify_precision
+from clip_fabric import benchmark, doctor, evaluate, predict, verify_precision
 
 COMMANDS = {
     "predict": predict.setup,
     "evaluate": evaluate.setup,
     "verify-precision": verify_precision.setup,
     "doctor": doctor.setup,
+    "benchmark": benchmark.setup,
 }
 
 

@@ -1,0 +1,109 @@
+"""The benchmark command on the CPU with a tiny model: every measurement runs and is reported, the
+end-to-end run embeds every generated image, the chart opens, bad options fail in one line."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import read_output
+from PIL import Image
+
+from clip_fabric import benchmark
+from clip_fabric.__main__ import main
+
+
+def test_shards_are_a_multiple_of_the_workers_and_about_a_thousand_images():
+    assert benchmark.shard_layout(100_000, None, 16) == (96, 1042)
+    assert benchmark.shard_layout(20_000, None, 16) == (16, 1250)
+    assert benchmark.shard_layout(24, None, 2) == (2, 12)
+    assert benchmark.shard_layout(24, 5, 2) == (5, 5)
+
+
+def test_generated_jpegs_are_photo_sized_and_cached(tmp_path):
+    sizes = [len(benchmark.synthetic_photo(i, (500, 375))) for i in range(4)]
+    assert all(55_000 < s < 95_000 for s in sizes), sizes
+    assert len(benchmark.synthetic_photo(0, (1024, 768))) in range(230_000, 370_000)
+    assert benchmark.synthetic_photo(3, (500, 375)) == benchmark.synthetic_photo(3, (500, 375))
+
+    opts = {"shard_size": 3, "num_workers": 1, "devices": [1]}
+    first = benchmark._make_dataset(tmp_path, (40, 30), 7, opts)
+    assert (first["shards"], first["images"], first["generated_shards"]) == (3, 9, 3)
+    with tarfile.open(Path(first["dir"]) / "000001.tar") as tar:
+        names = tar.getnames()
+        image = Image.open(io.BytesIO(tar.extractfile("000000003.jpg").read()))
+    assert names == [f"00000000{i}.{ext}" for i in (3, 4, 5) for ext in ("jpg", "txt")]
+    assert image.size == (40, 30)
+    assert benchmark._make_dataset(tmp_path, (40, 30), 7, opts)["generated_shards"] == 0  # reused
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--image_sizes", "500"], "--image_sizes '500' is not WIDTHxHEIGHT"),
+        (["--image_sizes", "[64x48,32x32]", "--num_images", "[10,20,30]"], "one per image size (2)"),
+        (["--precision", "fp64"], "--precision 'fp64' is not one of"),
+        (["--decode", "jpeg"], "predict refuses the end-to-end options"),
+        (["--predict_args", "--data.nope 1"], "predict refuses the end-to-end options"),
+        (["--models", "[NotAModel-99]"], "unknown open_clip model 'NotAModel-99'"),
+    ],
+)
+def test_bad_option_is_one_line_before_any_work(tmp_path, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["benchmark", "--work_dir", str(tmp_path / "work"), *args])
+    error = str(exit_info.value.code)
+    assert error.startswith("clip_fabric: error: ") and message in error
+    assert "\n" not in error
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.slow
+def test_benchmark_reports_model_pipeline_and_naive_loop(tmp_path, tiny_config, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the measurement processes on this small machine
+    work = tmp_path / "work"
+    main(
+        [
+            "benchmark",
+            "--model.config", str(tiny_config),
+            "--precision", "32-true",
+            "--image_sizes", "64x48",
+            "--num_images", "24",
+            "--batch_size", "8",
+            "--num_workers", "2",
+            "--accelerator", "cpu",
+            "--naive_batch_size", "8",
+            "--model_seconds", "0.1",
+            "--work_dir", str(work),
+        ]
+    )  # fmt: skip
+    report = json.loads((work / "benchmark.json").read_text())
+    assert report["weights"].startswith("random-init weights")
+    [data] = report["datasets"]
+    assert (data["images"], data["shards"], data["image_size"]) == (24, 2, "64x48")
+
+    [alone] = report["model_only"]
+    assert (alone["model"], alone["precision"], alone.get("error")) == ("tiny-clip", "32-true", None)
+    assert alone["images_per_s"] > 0 and alone["batch_latency_ms"] > 0
+
+    [e2e] = report["end_to_end"]
+    assert e2e["error"] is None, e2e
+    assert e2e["images_per_s"] > 0 and e2e["devices"] == 1
+    assert e2e["rows"] == e2e["images"] == 24
+    embeddings, keys = read_output(Path(e2e["output_dir"]))
+    assert embeddings.shape == (24, 32) and len(set(keys)) == 24  # every generated image, once
+
+    [naive] = report["naive"]
+    assert naive["error"] is None, naive
+    assert naive["images_per_s"] > 0 and naive["images"] == 24
+    assert np.load(naive["embeddings_file"]).shape == (24, 32)
+    assert e2e["vs_naive"] == pytest.approx(e2e["images_per_s"] / naive["images_per_s"], abs=1e-3)
+    assert e2e["of_model_only"] == pytest.approx(e2e["images_per_s"] / alone["images_per_s"], abs=1e-3)
+
+    with Image.open(work / "benchmark.png") as chart:
+        chart.verify()
+    with Image.open(work / "benchmark.png") as chart:
+        assert chart.format == "PNG" and chart.size[0] >= 1000
