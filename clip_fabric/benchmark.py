@@ -518,7 +518,8 @@ def _visible_gpus(count: int) -> list[int]:
 def _run_process(cmd: list[str], log_stem: Path, timeout_s: int, gpus: list[int]) -> dict:
     """Run ``cmd`` with its output in ``log_stem.out``/``.err``, sampling GPU use; stop it on timeout."""
     log_stem.parent.mkdir(parents=True, exist_ok=True)
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    # faulthandler: a run stopped for its time writes where each of its threads was to its .err log.
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
     out_log, err_log = log_stem.with_suffix(".out"), log_stem.with_suffix(".err")
     with open(out_log, "w") as out, open(err_log, "w") as err, GpuSampler(gpus) as sampler:
         (log_stem.parent / f"{log_stem.name}.cmd").write_text(" ".join(cmd) + "\n")
@@ -528,6 +529,11 @@ def _run_process(cmd: list[str], log_stem: Path, timeout_s: int, gpus: list[int]
             returncode = proc.wait(timeout=timeout_s)
             error = None
         except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGABRT)  # the traceback of every thread of the main process
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
             os.killpg(proc.pid, signal.SIGKILL)  # the process and the ranks and workers it started
             proc.wait()
             returncode, error = None, f"stopped after --timeout_s {timeout_s} s"
@@ -696,7 +702,9 @@ def _run_end_to_end(
     this = summary.get("this_run", {})
     latency = this.get("batch_latency_ms")
     row |= {
-        "images_per_s": this.get("samples_per_s"),
+        # Steady state (each rank from its first batch written, summed) where predict could measure it.
+        "images_per_s": this.get("steady_samples_per_s") or this.get("samples_per_s"),
+        "run_images_per_s": this.get("samples_per_s"),
         "rows": this.get("rows"),
         "errors": this.get("errors"),
         "seconds": this.get("seconds"),

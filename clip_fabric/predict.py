@@ -184,6 +184,7 @@ def main(
     names = {s.index: s.name for s in mine}
     rows = errors = 0
     latencies: list[float] = []
+    steady: dict = {"start": None, "rows": 0}
 
     def write(done: _Encoded | None) -> None:
         """Hand a batch's results to the writer once their copy to the host has landed."""
@@ -198,6 +199,8 @@ def main(
         errors += len(batch["errors"]) * writer.enabled
         latencies.append(time.perf_counter() - done.started)
         progress.update(len(batch["rows"]))
+        if steady["start"] is None:  # steady state: from the first batch out, past start-up and warm-up
+            steady["start"], steady["rows"] = time.perf_counter(), rows
 
     if fabric.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(fabric.device)
@@ -219,8 +222,12 @@ def main(
         write(pending)
     writer.close()
     progress.close()
-    seconds = time.perf_counter() - start
-    counts = fabric.all_reduce(torch.tensor([rows, errors], device=fabric.device), reduce_op="sum")
+    end = time.perf_counter()
+    seconds = end - start
+    rate = _steady_rate(steady, rows, end)
+    # float64 holds row counts exactly; the steady rates of the ranks add up to the job's.
+    local = torch.tensor([rows, errors, rate or 0.0, rate is None], dtype=torch.float64, device=fabric.device)
+    counts = fabric.all_reduce(local, reduce_op="sum")
     rows = int(counts[0])
     fabric.barrier()
     summary = _summarize(out_dir, run, len(shards), rows, int(counts[1]), seconds, fabric.world_size)
@@ -228,6 +235,7 @@ def main(
         "batch_size": batch_size,
         "decode": decode,
         "batch_latency_ms": _percentiles(latencies),
+        "steady_samples_per_s": round(float(counts[2]), 1) if not counts[3] else None,
         "peak_memory_gb": round(torch.cuda.max_memory_allocated(fabric.device) / 1e9, 3)
         if fabric.device.type == "cuda"
         else None,
@@ -284,6 +292,13 @@ def _batch_size(fabric: Fabric, encoder: SplittingEncoder, model: torch.nn.Modul
     size = int(fabric.all_reduce(torch.tensor(size, device=fabric.device), reduce_op=ReduceOp.MIN))
     fabric.print(f"clip_fabric: batch size {size} (auto)")
     return size
+
+
+def _steady_rate(steady: dict, rows: int, end: float) -> float | None:
+    """This rank's samples/s after its first batch was written; None with too little to measure."""
+    if steady["start"] is None or end - steady["start"] < 0.5 or rows <= steady["rows"]:
+        return None
+    return round((rows - steady["rows"]) / (end - steady["start"]), 1)
 
 
 def _percentiles(values: list[float]) -> dict | None:

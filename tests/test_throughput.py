@@ -16,7 +16,7 @@ from clip_fabric.config import DataArgs, ModelArgs, OutputArgs
 from clip_fabric.data import RawSample, Shard
 from clip_fabric.data.decode import CpuDecoder, ImageSpec, jpeg_header
 from clip_fabric.data.gpu import DeviceImageDecoder
-from clip_fabric.data.prefetch import DevicePrefetcher
+from clip_fabric.data.prefetch import device_stage
 from clip_fabric.data.stream import ShardStream
 from clip_fabric.data.synthetic import synthetic_jpeg
 from clip_fabric.encode import auto_batch_size
@@ -126,22 +126,24 @@ def test_scaled_cpu_decode_is_close_and_only_for_large_jpegs():
         CpuDecoder(PREPROCESS, tokenizer, max_image_pixels=1000, mode="cpu").image(large)
 
 
-def test_prefetcher_in_background_keeps_order_and_raises_source_errors():
-    items = [{"images": torch.full((2, 3), float(i)), "texts": None, "rows": [i]} for i in range(7)]
-    out = list(DevicePrefetcher(items, torch.device("cpu"), background=True))
-    assert [b["rows"] for b in out] == [[i] for i in range(7)]
+def test_device_stage_keeps_order_and_raises_source_errors():
+    seen = []
+
+    def stage(batch):
+        seen.append(batch["rows"][0])
+        return batch | {"images": batch["images"] * 2}
+
+    items = [{"images": torch.full((2, 3), float(i)), "texts": None, "rows": [i]} for i in range(5)]
+    out = list(device_stage(items, torch.device("cpu"), stage))
+    assert [b["rows"] for b in out] == [[i] for i in range(5)] and seen == list(range(5))
+    assert torch.equal(out[3]["images"], torch.full((2, 3), 6.0))
 
     def broken():
         yield {"images": None, "texts": None, "rows": []}
         raise OSError("disk gone")
 
     with pytest.raises(OSError, match="disk gone"):
-        list(DevicePrefetcher(broken(), torch.device("cpu"), background=True))
-    # A consumer that stops early does not hang on the producer.
-    endless = ({"images": None, "texts": None, "rows": [i]} for i in range(10**9))
-    for batch in DevicePrefetcher(endless, torch.device("cpu"), depth=1, background=True):
-        if batch["rows"][0] == 3:
-            break
+        list(device_stage(broken(), torch.device("cpu")))
 
 
 def test_auto_batch_size_fills_free_memory_to_a_power_of_two(monkeypatch):
@@ -184,6 +186,7 @@ def test_predict_reports_batch_size_decode_latency(tmp_path, tiny_config, image_
     run = summary["this_run"]
     assert run["batch_size"] == encode.DEFAULT_BATCH_SIZE and run["decode"] == "cpu"
     assert run["batch_latency_ms"]["p50"] > 0 and run["peak_memory_gb"] is None
+    assert run["steady_samples_per_s"] is None or run["steady_samples_per_s"] > 0
     assert summary["rows"] == 11
 
 

@@ -4,7 +4,7 @@ source -> decode (DataLoader workers) -> batch -> device (and GPU decode), for p
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader
@@ -13,7 +13,7 @@ from clip_fabric.config import DataArgs
 from clip_fabric.data import Shard, Source
 from clip_fabric.data.decode import CpuDecoder, ImageSpec
 from clip_fabric.data.gpu import DeviceImageDecoder, gpu_decode_available
-from clip_fabric.data.prefetch import DevicePrefetcher
+from clip_fabric.data.prefetch import device_stage
 from clip_fabric.data.stream import ShardStream
 from clip_fabric.encode import auto_batch_size
 from clip_fabric.preemption import ignore_stop_signals
@@ -68,7 +68,7 @@ def device_batches(
     decode: str,
     need_image: bool,
     need_text: bool,
-) -> DevicePrefetcher:
+) -> Iterator[dict]:
     """Batches of ``shards`` with ``images``/``texts`` on ``device``; ``decode`` as resolved."""
     cpu = CpuDecoder(preprocess, tokenizer, data.max_image_pixels, mode="pil" if decode == "pil" else "cpu")
     gpu = decode == "gpu" and need_image
@@ -85,4 +85,4 @@ def device_batches(
         prefetch_factor=4 if workers else None,
     )
     stage = DeviceImageDecoder(cpu.spec, cpu, device) if gpu else None
-    return DevicePrefetcher(loader, device, stage)
+    return device_stage(loader, device, stage)
