@@ -89,13 +89,15 @@ def test_gpu_jpeg_decode_matches_pil_preprocess():
 
 @pytest.mark.parametrize("decode", ["gpu", "cpu"])
 def test_decode_paths_embed_like_pil(tmp_path, decode):
-    """Embeddings of ViT-B-32 (random init) through each fast path against the PIL path."""
+    """Embeddings of ViT-B-32 (random init) through each fast path against the PIL path, over enough
+    batches that the GPU is still encoding one while the next is decoded (where a stream race showed)."""
     from tests.conftest import write_tar
     from tests.test_throughput import encoded
 
-    samples = [
-        {"__key__": f"{i:04d}", "jpg": encoded((900 + 7 * i, 675 + 5 * i)), "txt": b"x"} for i in range(48)
-    ]
+    count = 48 if decode == "cpu" else 640
+    sizes = [(900 + 7 * i, 675 + 5 * i) for i in range(48)]  # the first 48 differ: also scaled on the CPU
+    pictures = [encoded(size) for size in sizes]
+    samples = [{"__key__": f"{i:04d}", "jpg": pictures[i % 48], "txt": b"x"} for i in range(count)]
     source = str(write_tar(tmp_path / "s-0.tar", samples))
     common = [
         "--data.format",
@@ -109,7 +111,7 @@ def test_decode_paths_embed_like_pil(tmp_path, decode):
         "--data.num_workers",
         "2",
         "--data.batch_size",
-        "16",
+        "16" if decode == "cpu" else "64",
     ]
     runs = {}
     for path in ("pil", decode):
@@ -117,7 +119,7 @@ def test_decode_paths_embed_like_pil(tmp_path, decode):
         assert result.returncode == 0, result.stderr[-3000:]
         runs[path] = read_output(tmp_path / path)
     (a, keys_a), (b, keys_b) = runs["pil"], runs[decode]
-    assert keys_a == keys_b and len(keys_a) == 48
+    assert keys_a == keys_b and len(keys_a) == count
     cos = (a.astype(np.float64) * b).sum(-1)
     print(f"{decode} vs pil embeddings (ViT-B-32, random): min cosine {cos.min():.6f}, mean {cos.mean():.6f}")
     assert cos.min() > 0.999
@@ -141,4 +143,4 @@ def test_auto_batch_size_on_the_gpu(tmp_path, tiny_config):
     import json
 
     run = json.loads((tmp_path / "o" / "summary.json").read_text())["this_run"]
-    assert run["batch_size"] == 1024 and run["decode"] == "gpu" and run["peak_memory_gb"] > 0
+    assert run["batch_size"] == 1024 and run["decode"] == "cpu" and run["peak_memory_gb"] > 0

@@ -84,19 +84,38 @@ class DeviceImageDecoder:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torchvision's deprecation notice for its decoders
             try:
-                return dict(enumerate(decode_jpeg(blobs, mode=ImageReadMode.RGB, device=self.device))), {}
+                self._settle()
+                decoded = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=self.device)
+                self._settle()
+                return dict(enumerate(decoded)), {}
             except RuntimeError as err:
                 log.warning("batched JPEG decode failed (%s): decoding the batch one image at a time", err)
             decoded, failed = {}, {}
             for i, blob in enumerate(blobs):
                 try:
+                    self._settle()
                     decoded[i] = decode_jpeg(blob, mode=ImageReadMode.RGB, device=self.device)
+                    self._settle()
                 except RuntimeError:
                     try:  # the CPU decoder tolerates some files nvJPEG refuses
                         decoded[i] = self.cpu.image(blob.numpy().tobytes())
                     except Exception as err:  # noqa: BLE001 - a broken file is a record, not a crash
                         failed[i] = f"undecodable image: {type(err).__name__}: {err}"
         return decoded, failed
+
+    def _settle(self) -> None:
+        """Let nothing else run on the device around an nvJPEG decode.
+
+        torchvision allocates the decoded images from the current stream's memory pool but writes them
+        on a stream of its own, reading the batch's pinned bytes there too. Memory the current stream
+        freed while its kernels are still queued (the previous batch's images and activations) can be
+        handed to nvJPEG and overwritten before those kernels read it, and the pinned bytes can be
+        reused by the DataLoader before nvJPEG has read them. 2-GPU runs on H100s without these waits
+        wrote image embeddings that differed between runs (cosine down to 0.91). Waiting costs the
+        overlap of decoding with the previous batch's encoder: see docs/benchmarks.md.
+        """
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _resize(self, images: list[Tensor]) -> Tensor:
         """Preprocessed images in the order given: same-size images resized together."""
