@@ -70,8 +70,9 @@ class DataArgs:
     decode: Decode = "auto"
     """Where images are decoded: ``gpu`` (JPEGs decoded and resized in batches on the GPU; other formats on
     the CPU), ``cpu`` (DataLoader workers; large JPEGs decoded at a reduced DCT scale), ``pil`` (open_clip's
-    own preprocess on a full decode: the reference, slowest) or ``auto`` (``cpu`` for now: ``gpu`` stays
-    opt-in until its latest fix is verified at scale). docs/benchmarks.md: speed and closeness of each."""
+    own preprocess on a full decode: the reference) or ``auto`` (the fastest path within 1e-5 cosine
+    distance of open_clip: ``pil`` for now, ``gpu`` once verified). docs/benchmarks.md: speed and
+    closeness of each."""
     cpu_decode_share: float = 0.0
     """With ``gpu`` decoding: the share of JPEGs the DataLoader workers decode anyway, so that idle CPU
     cores add to the GPU decoder when it is the bottleneck (which JPEGs is fixed by their position)."""
