@@ -56,33 +56,35 @@ DEFAULT_BATCH_SIZE = 256
 def auto_batch_size(
     encode: Callable[..., object],
     inputs: Callable[[int], tuple],
-    device: torch.device,
+    devices: torch.device | list[torch.device],
     limit: int = 1024,
     probe: int = 16,
     headroom: float = 0.7,
     extra_bytes_per_sample: int = 0,
 ) -> int:
-    """The largest power of two up to ``limit`` whose batch fits in ``headroom`` of the device memory
-    still free, from the peak memory of one probe batch of ``probe`` samples; ``DEFAULT_BATCH_SIZE``
-    where the device is not a GPU. ``extra_bytes_per_sample`` reserves room for other per-sample buffers
-    (batches in flight, GPU decoding)."""
-    if device.type != "cuda":
+    """The largest power of two up to ``limit`` whose batch fits in ``headroom`` of the memory still free
+    on every one of ``devices``, from the peak memory of one probe batch of ``probe`` samples;
+    ``DEFAULT_BATCH_SIZE`` where they are not GPUs. ``extra_bytes_per_sample`` reserves room on the first
+    device for other per-sample buffers (batches in flight, GPU decoding)."""
+    devices = [devices] if isinstance(devices, torch.device) else list(devices)
+    if devices[0].type != "cuda":
         return DEFAULT_BATCH_SIZE
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
+    before = {}
+    for device in devices:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before[device] = torch.cuda.memory_allocated(device)
     encode(*inputs(probe))
-    torch.cuda.synchronize(device)
-    per_sample = (torch.cuda.max_memory_allocated(device) - before) / probe + extra_bytes_per_sample
-    free, _ = torch.cuda.mem_get_info(device)
-    # Memory the caching allocator holds but does not use is free to this process too.
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    fits = int(headroom * free / max(per_sample, 1))
-    size = 1 << max(fits, 1).bit_length() - 1
-    log.info(
-        "auto batch size: %d (%.1f MB per sample, %.1f GB free)",
-        min(size, limit),
-        per_sample / 1e6,
-        free / 1e9,
-    )
-    return max(1, min(size, limit))
+    sizes = []
+    for i, device in enumerate(devices):
+        torch.cuda.synchronize(device)
+        per_sample = (torch.cuda.max_memory_allocated(device) - before[device]) / probe
+        per_sample += extra_bytes_per_sample if i == 0 else 0
+        free, _ = torch.cuda.mem_get_info(device)
+        # Memory the caching allocator holds but does not use is free to this process too.
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        fits = int(headroom * free / max(per_sample, 1))
+        sizes.append(1 << max(fits, 1).bit_length() - 1)
+        log.info("auto batch size on %s: %d (%.1f MB per sample, %.1f GB free)", device, sizes[-1],
+                 per_sample / 1e6, free / 1e9)  # fmt: skip
+    return max(1, min(*sizes, limit))

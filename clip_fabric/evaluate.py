@@ -141,7 +141,7 @@ def main(
     image_size = model.visual.image_size
     batch_size = choose_batch_size(
         data, module, image_size[0] if isinstance(image_size, (tuple, list)) else image_size,
-        model.context_length if task == "retrieval" else None, fabric.device, decode,
+        model.context_length if task == "retrieval" else None, [fabric.device], decode,
     )  # fmt: skip
     batch_size = int(
         fabric.all_reduce(torch.tensor(batch_size, device=fabric.device), reduce_op=ReduceOp.MIN)

@@ -226,7 +226,8 @@ def main(
     seconds = end - start
     rate = _steady_rate(steady, rows, end)
     # float64 holds row counts exactly; the steady rates of the ranks add up to the job's.
-    local = torch.tensor([rows, errors, rate or 0.0, rate is None], dtype=torch.float64, device=fabric.device)
+    unmeasured = rate is None and rows > 0  # ranks that wrote nothing (text ranks, idle ranks) do not vote
+    local = torch.tensor([rows, errors, rate or 0.0, unmeasured], dtype=torch.float64, device=fabric.device)
     counts = fabric.all_reduce(local, reduce_op="sum")
     rows = int(counts[0])
     fabric.barrier()
@@ -259,10 +260,13 @@ class _Encoded:
     def __init__(self, batch: dict, outputs: dict[str, torch.Tensor], started: float) -> None:
         self.batch, self.started = batch, started
         self.outputs = {k: v.to("cpu", non_blocking=True) for k, v in outputs.items()}
-        self.event = None
-        if any(v.device.type == "cuda" for v in outputs.values()):
-            self.event = torch.cuda.Event()
-            self.event.record()
+        # Each copy runs on its own device's stream (model_parallel's towers sit on two GPUs).
+        self.events = []
+        for device in {v.device for v in outputs.values() if v.device.type == "cuda"}:
+            with torch.cuda.device(device):
+                event = torch.cuda.Event()
+                event.record()
+                self.events.append(event)
 
     @classmethod
     def start(cls, encoder: SplittingEncoder, batch: dict) -> _Encoded:
@@ -270,8 +274,8 @@ class _Encoded:
         return cls(batch, encoder(batch["images"], batch["texts"]) if batch["rows"] else {}, started)
 
     def host(self) -> dict:
-        if self.event is not None:
-            self.event.synchronize()
+        for event in self.events:
+            event.synchronize()
         return {k: v.numpy() for k, v in self.outputs.items()}
 
 
@@ -288,7 +292,7 @@ def _batch_size(fabric: Fabric, encoder: SplittingEncoder, model: torch.nn.Modul
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
     context = getattr(model, "context_length", None) if mode not in ("image", "zeroshot") else None
     with torch.inference_mode():
-        size = choose_batch_size(data, encoder.module, image_size, context, fabric.device, decode)
+        size = choose_batch_size(data, encoder.module, image_size, context, _devices(model, fabric), decode)
     size = int(fabric.all_reduce(torch.tensor(size, device=fabric.device), reduce_op=ReduceOp.MIN))
     fabric.print(f"clip_fabric: batch size {size} (auto)")
     return size
@@ -299,6 +303,12 @@ def _steady_rate(steady: dict, rows: int, end: float) -> float | None:
     if steady["start"] is None or end - steady["start"] < 0.5 or rows <= steady["rows"]:
         return None
     return round((rows - steady["rows"]) / (end - steady["start"]), 1)
+
+
+def _devices(model: torch.nn.Module, fabric: Fabric) -> list[torch.device]:
+    """The devices that hold the model's weights (two under model_parallel), the rank's device first."""
+    held = {p.device for p in model.parameters() if p.device.type == fabric.device.type}
+    return [fabric.device, *sorted(held - {fabric.device}, key=str)]
 
 
 def _percentiles(values: list[float]) -> dict | None:

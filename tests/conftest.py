@@ -125,6 +125,21 @@ def run_cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     )
 
 
+def cli_in_process(capsys, *args: str) -> subprocess.CompletedProcess:
+    """``python -m clip_fabric ARGS`` in this process (no interpreter start-up: for errors raised before
+    any work); the same exit status and stderr line as a user sees."""
+    from clip_fabric.__main__ import main
+
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code, message = 0, ""
+    except SystemExit as exit:  # sys.exit("...") prints its message only when the interpreter handles it
+        code, message = (1, f"{exit.code}\n") if isinstance(exit.code, str) else (exit.code or 0, "")
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err + message)
+
+
 def read_output(out_dir: Path, tower: str = "img_emb") -> tuple[np.ndarray, list[str]]:
     """All rows of an output folder, ordered by shard, with their keys."""
     import pyarrow.parquet as pq

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, cli_in_process, run_cli
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -37,8 +37,8 @@ def test_help_lists_the_contract_options():
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_parses(config):
-    result = run_cli("predict", "--config", str(config), "--print_config")
+def test_every_shipped_config_parses(capsys, config):
+    result = cli_in_process(capsys, "predict", "--config", str(config), "--print_config")
     assert result.returncode == 0, result.stderr
     assert "model:" in result.stdout
 
@@ -57,8 +57,8 @@ def test_every_shipped_config_parses(config):
         (["--strategy", "pipeline"], "unknown --strategy 'pipeline'"),
     ],
 )
-def test_bad_input_fails_before_work_with_one_clear_line(tmp_path, args, message):
-    result = run_cli("predict", "--output.dir", str(tmp_path / "out"), *args)
+def test_bad_input_fails_before_work_with_one_clear_line(capsys, tmp_path, args, message):
+    result = cli_in_process(capsys, "predict", "--output.dir", str(tmp_path / "out"), *args)
     assert result.returncode != 0
     assert message in result.stderr
     assert not (tmp_path / "out").exists()

@@ -122,7 +122,8 @@ def test_decode_paths_embed_like_pil(tmp_path, decode):
     assert keys_a == keys_b and len(keys_a) == count
     cos = (a.astype(np.float64) * b).sum(-1)
     print(f"{decode} vs pil embeddings (ViT-B-32, random): min cosine {cos.min():.6f}, mean {cos.mean():.6f}")
-    assert cos.min() > 0.999
+    # nvJPEG + torch's resize stay within the 1e-5 contract; the CPU path's DCT scaling does not.
+    assert cos.min() > (1 - 1e-5 if decode == "gpu" else 0.999)
 
 
 def test_auto_batch_size_on_the_gpu(tmp_path, tiny_config):

@@ -114,16 +114,28 @@ def test_truncated_batch_falls_back_one_image_at_a_time():
     assert [r["key"] for r in out["rows"]] == ["a", "c"] and out["images"].shape[0] == 2
 
 
-def test_scaled_cpu_decode_is_close_and_only_for_large_jpegs():
+def test_cpu_path_is_within_two_uint8_steps_of_pil_and_scales_large_jpegs():
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
     pil, fast = CpuDecoder(PREPROCESS, tokenizer, mode="pil"), CpuDecoder(PREPROCESS, tokenizer, mode="cpu")
-    small = encoded((400, 300))  # under twice the input size: decoded whole, identical
-    assert torch.equal(pil.image(small), fast.image(small))
-    large = encoded((1600, 1200))
+    step = 1 / (255 * min(open_clip.OPENAI_DATASET_STD))  # one uint8 step, normalised
+    for data in (encoded((400, 300)), encoded((300, 400), fmt="PNG"), encoded((120, 90), mode="L")):
+        diff = (pil.image(data) - fast.image(data)).abs()
+        assert diff.max() <= 2.01 * step and diff.mean() < 0.001, (diff.max(), diff.mean())
+    large = encoded((1600, 1200))  # decoded at a DCT scale, then resized
     a, b = pil.image(large), fast.image(large)
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+    assert fast._scaled_jpeg(large).shape[:2] == (300, 400)  # 1/4 scale: the short side stays >= 224
     with pytest.raises(Image.DecompressionBombError):
         CpuDecoder(PREPROCESS, tokenizer, max_image_pixels=1000, mode="cpu").image(large)
+
+
+def test_float_resize_branch_matches_the_uint8_one():
+    """The GPU's branch (float, then rounded) against the CPU's uint8 kernel, on the CPU."""
+    spec = ImageSpec.from_preprocess(PREPROCESS)
+    image = torch.from_numpy(np.array(Image.open(io.BytesIO(encoded((500, 375)))))).permute(2, 0, 1)[None]
+    exact, floated = spec.apply(image), spec.apply(image.float())
+    assert exact.shape == floated.shape == (1, 3, 224, 224)
+    assert (exact - floated).abs().max() <= 1.01 / (255 * min(spec.std))
 
 
 def test_device_stage_keeps_order_and_raises_source_errors():
@@ -170,6 +182,11 @@ def test_auto_batch_size_fills_free_memory_to_a_power_of_two(monkeypatch):
     assert auto_batch_size(probe, inputs, device) == 256
     # 6 MiB more per sample for the GPU decoder: 0.7 x 4 GiB / 16 MiB = 179 -> 128
     assert auto_batch_size(probe, inputs, device, extra_bytes_per_sample=6 * 2**20) == 128
+    # Two devices (model_parallel): the one that needs more per sample decides.
+    monkeypatch.setattr(cuda, "max_memory_allocated", lambda d: state["peak"] * (4 if d.index == 1 else 1))
+    pair = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert auto_batch_size(probe, inputs, pair) == 64  # 0.7 x 4 GiB / 40 MiB = 71.7 -> 64
+    monkeypatch.setattr(cuda, "max_memory_allocated", lambda *a: state["peak"])
     monkeypatch.setattr(cuda, "mem_get_info", lambda *a: (200 * 2**30, 200 * 2**30))
     assert auto_batch_size(probe, inputs, device) == 1024  # capped
     monkeypatch.setattr(cuda, "mem_get_info", lambda *a: (2**20, 2**30))
@@ -228,3 +245,24 @@ def test_cpu_decode_share_keeps_a_fixed_part_of_jpegs_on_the_cpu():
     assert packed["image_rows"].tolist() == [3, 7, 11] and len(packed["jpeg_rows"]) == 9
     with pytest.raises(ValueError, match="cpu_decode_share"):
         DataArgs(cpu_decode_share=1.5)
+
+
+def test_lifted_pixel_limit_lifts_pils_own(monkeypatch):
+    """``--data.max_image_pixels null`` means no limit, PIL's default included."""
+    data = encoded((320, 240))
+    # As if PIL's default limit were small: 320x240 is past twice it (PIL's error), the 224x224 crop is not.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30_000)
+    for mode in ("pil", "cpu"):
+        decoder = CpuDecoder(PREPROCESS, open_clip.get_tokenizer("ViT-B-32"), None, mode=mode)
+        assert decoder.image(data).shape == (3, 224, 224)
+        with pytest.raises(Image.DecompressionBombError):
+            CpuDecoder(PREPROCESS, None, max_image_pixels=1000, mode=mode).image(data)
+    assert jpeg_header(data).width == 320  # the header is read whatever PIL's limit
+    assert Image.MAX_IMAGE_PIXELS == 30_000  # and PIL's setting is left as it was
+
+
+def test_cpu_fallback_beside_the_gpu_decoder_does_not_scale():
+    large = encoded((1600, 1200))
+    decoder = CpuDecoder(PREPROCESS, None, mode="cpu", scale_jpegs=False)
+    array = decoder._scaled_jpeg(large)
+    assert array is None or array.shape[:2] == (1200, 1600)  # whole (simplejpeg) or left to PIL

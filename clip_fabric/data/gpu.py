@@ -15,7 +15,6 @@ import warnings
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -51,8 +50,6 @@ class DeviceImageDecoder:
         self.spec = spec
         self.cpu = cpu
         self.device = torch.device(device)
-        self.scale = (1.0 / (255.0 * torch.tensor(spec.std))).view(1, 3, 1, 1).to(self.device)
-        self.shift = (torch.tensor(spec.mean) / torch.tensor(spec.std)).view(1, 3, 1, 1).to(self.device)
 
     def __call__(self, batch: dict) -> dict:
         """``batch`` with ``images`` on the device for all its rows; rows whose JPEG no decoder reads move
@@ -130,24 +127,8 @@ class DeviceImageDecoder:
             step = max(1, RESIZE_CHUNK_VALUES // (shape[0] * shape[1] * shape[2]))
             for start in range(0, len(members), step):
                 part = members[start : start + step]
-                out[part] = self._preprocess(torch.stack([images[i] for i in part]))
+                out[part] = self.spec.apply(torch.stack([images[i] for i in part]))
         return out
-
-    def _preprocess(self, images: Tensor) -> Tensor:
-        """open_clip's eval preprocess on a uint8 NCHW batch of one size."""
-        height, width = images.shape[-2:]
-        short, long = min(height, width), max(height, width)
-        size = self.spec.resize
-        new_long = int(size * long / short)  # torchvision's Resize(int) rounding
-        new = (size, new_long) if height <= width else (new_long, size)
-        x = images.float()
-        if (height, width) != new:
-            x = F.interpolate(x, size=new, mode="bicubic", antialias=True, align_corners=False)
-            x = x.clamp_(0, 255).round_()  # PIL resizes into uint8
-        crop_h, crop_w = self.spec.crop
-        top, left = int(round((new[0] - crop_h) / 2.0)), int(round((new[1] - crop_w) / 2.0))
-        x = x[:, :, top : top + crop_h, left : left + crop_w]
-        return x * self.scale - self.shift
 
     def _drop(self, batch: dict, reasons: dict[int, str]) -> dict:
         keep = [i for i in range(len(batch["rows"])) if i not in reasons]
