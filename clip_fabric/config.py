@@ -68,11 +68,13 @@ class DataArgs:
     """Samples per forward pass, or ``auto``: the largest power of two up to 1024 that fits the GPU's free
     memory, measured with one probe batch (256 on the CPU)."""
     decode: Decode = "auto"
-    """Where images are decoded: ``gpu`` (JPEGs decoded and resized in batches on the GPU; other formats on
-    the CPU), ``cpu`` (DataLoader workers; large JPEGs decoded at a reduced DCT scale), ``pil`` (open_clip's
-    own preprocess on a full decode: the reference) or ``auto`` (the fastest path within 1e-5 cosine
-    distance of open_clip: ``pil`` for now, ``gpu`` once verified). docs/benchmarks.md: speed and
-    closeness of each."""
+    """Where images are decoded: ``cpu`` (DataLoader workers; resize on uint8 tensors, within 1e-5 cosine
+    of open_clip), ``pil`` (open_clip's own PIL preprocess: the reference), ``gpu`` (JPEGs decoded and
+    resized in batches on the GPU, other formats on the CPU: opt-in until verified at scale) or ``auto``
+    (``cpu`` for now). docs/benchmarks.md: the speed and closeness of each."""
+    dct_scaling: bool = False
+    """``cpu`` decoding: decode JPEGs of at least twice the model's input size at 1/2, 1/4 or 1/8 scale
+    (libjpeg's DCT scaling): about twice as fast on large photos, up to 1e-3 cosine from open_clip."""
     cpu_decode_share: float = 0.0
     """With ``gpu`` decoding: the share of JPEGs the DataLoader workers decode anyway, so that idle CPU
     cores add to the GPU decoder when it is the bottleneck (which JPEGs is fixed by their position)."""

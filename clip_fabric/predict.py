@@ -323,7 +323,12 @@ def _fingerprint(model: ModelArgs, data: DataArgs, output: OutputArgs, mode: str
     """What must not change between a run and its resumption: anything that changes the rows written."""
     return {
         "model": asdict(model) | {"cache_dir": None},
-        "data": {k: v for k, v in asdict(data).items() if k not in ("batch_size", "num_workers", "decode")},
+        # How fast, not what: the share of JPEGs the CPU takes beside the GPU decoder changes no row.
+        "data": {
+            k: v
+            for k, v in asdict(data).items()
+            if k not in ("batch_size", "num_workers", "cpu_decode_share")
+        },
         "mode": mode,
         "precision": precision,
         "dtype": output.dtype,

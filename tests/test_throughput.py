@@ -117,16 +117,18 @@ def test_truncated_batch_falls_back_one_image_at_a_time():
 def test_cpu_path_is_within_two_uint8_steps_of_pil_and_scales_large_jpegs():
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
     pil, fast = CpuDecoder(PREPROCESS, tokenizer, mode="pil"), CpuDecoder(PREPROCESS, tokenizer, mode="cpu")
+    scaled = CpuDecoder(PREPROCESS, tokenizer, mode="cpu", scale_jpegs=True)
     step = 1 / (255 * min(open_clip.OPENAI_DATASET_STD))  # one uint8 step, normalised
     for data in (encoded((400, 300)), encoded((300, 400), fmt="PNG"), encoded((120, 90), mode="L")):
         diff = (pil.image(data) - fast.image(data)).abs()
         assert diff.max() <= 2.01 * step and diff.mean() < 0.001, (diff.max(), diff.mean())
     large = encoded((1600, 1200))  # decoded at a DCT scale, then resized
-    a, b = pil.image(large), fast.image(large)
+    a, b = pil.image(large), scaled.image(large)
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
-    assert fast._scaled_jpeg(large).shape[:2] == (300, 400)  # 1/4 scale: the short side stays >= 224
+    assert scaled._scaled_jpeg(large).shape[:2] == (300, 400)  # 1/4 scale: the short side stays >= 224
+    assert (pil.image(large) - fast.image(large)).abs().max() <= 2.01 * step  # not scaled unless asked
     with pytest.raises(Image.DecompressionBombError):
-        CpuDecoder(PREPROCESS, tokenizer, max_image_pixels=1000, mode="cpu").image(large)
+        CpuDecoder(PREPROCESS, tokenizer, max_image_pixels=1000, mode="cpu", scale_jpegs=True).image(large)
 
 
 def test_float_resize_branch_matches_the_uint8_one():

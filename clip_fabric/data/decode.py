@@ -4,9 +4,9 @@ Three image paths, chosen by ``--data.decode``:
 
 - ``pil``: open_clip's own preprocess on a full PIL decode: the reference, bit for bit.
 - ``cpu``: the same steps on uint8 tensors (torch's antialiased bicubic resize, which matches PIL's to
-  one uint8 step, several times faster), after decoding a JPEG at a reduced scale (libjpeg's DCT scaling
-  through PIL's ``draft``, or simplejpeg where it is installed) when the image is at least twice the
-  model's input size.
+  two uint8 steps and is several times faster); with ``scale_jpegs``, a JPEG of at least twice the
+  model's input size is first decoded at a reduced scale (libjpeg's DCT scaling through PIL's ``draft``,
+  or simplejpeg where it is installed).
 - ``gpu``: JPEGs whose header the GPU decoder handles are only checked here and passed on as bytes, to be
   decoded and resized in batches on the device (``clip_fabric.data.gpu``); everything else takes ``cpu``.
 """
@@ -118,7 +118,7 @@ class CpuDecoder:
         tokenizer: Callable,
         max_image_pixels: int | None = None,
         mode: str = "pil",
-        scale_jpegs: bool = True,
+        scale_jpegs: bool = False,
     ) -> None:
         self.preprocess = preprocess
         self.tokenizer = tokenizer

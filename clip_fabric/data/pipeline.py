@@ -25,10 +25,9 @@ GPU_DECODE_BYTES_PER_SAMPLE = 16 * 1024 * 1024
 
 
 def resolve_decode(decode: str, device: torch.device, preprocess: Callable) -> str:
-    """The decode path that runs. ``auto`` is the fastest path that keeps embeddings within 1e-5 cosine
-    distance of open_clip's: ``pil`` for now. ``gpu`` (3e-6 measured) becomes ``auto``'s choice once its
-    synchronisation fix (clip_fabric.data.gpu) has run at scale on a GPU; ``cpu``'s DCT scaling of large
-    JPEGs costs up to 1e-3, so it is opt-in."""
+    """The decode path that runs. ``auto`` is the fastest path measured within 1e-5 cosine distance of
+    open_clip's own preprocess: ``cpu`` (2e-7 on 500x375 JPEGs, docs/benchmarks.md) for now; ``gpu``
+    (3e-6) joins once its synchronisation fix (clip_fabric.data.gpu) has run at scale on a GPU."""
     if decode == "gpu":
         if device.type != "cuda":
             raise ValueError(f"--data.decode gpu needs a CUDA device, this rank has {device}; use cpu")
@@ -37,7 +36,7 @@ def resolve_decode(decode: str, device: torch.device, preprocess: Callable) -> s
     if decode in ("gpu", "cpu", "auto") and ImageSpec.from_preprocess(preprocess) is None:
         log.warning("this model's preprocess is not resize+center-crop: decoding with it on the CPU")
         return "pil"
-    return "pil" if decode == "auto" else decode
+    return "cpu" if decode == "auto" else decode
 
 
 def choose_batch_size(
@@ -76,10 +75,10 @@ def device_batches(
     need_text: bool,
 ) -> Iterator[dict]:
     """Batches of ``shards`` with ``images``/``texts`` on ``device``; ``decode`` as resolved."""
-    # Beside the GPU decoder, the CPU path skips DCT scaling: both then stay within 1e-5 of open_clip.
+    # DCT scaling only where asked for, and never beside the GPU decoder (both keep 1e-5 without it).
     cpu = CpuDecoder(
         preprocess, tokenizer, data.max_image_pixels, mode="pil" if decode == "pil" else "cpu",
-        scale_jpegs=decode != "gpu",
+        scale_jpegs=data.dct_scaling and decode == "cpu",
     )  # fmt: skip
     gpu = decode == "gpu" and need_image
     stream = ShardStream(
