@@ -16,7 +16,11 @@ model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32")
 model.eval()
 tokenizer = open_clip.get_tokenizer("ViT-B-32")
 print(f"simplejpeg installed: {simplejpeg is not None}")
-decoders = {mode: CpuDecoder(preprocess, tokenizer, mode=mode) for mode in ("pil", "cpu")}
+decoders = {
+    "pil": CpuDecoder(preprocess, tokenizer, mode="pil"),
+    "cpu": CpuDecoder(preprocess, tokenizer, mode="cpu"),
+    "cpu+dct": CpuDecoder(preprocess, tokenizer, mode="cpu", scale_jpegs=True),  # --data.dct_scaling true
+}
 for size in [(500, 375), (1024, 768)]:
     data = [synthetic_photo(i, size) for i in range(32)]
     inputs, times = {}, {}
@@ -26,11 +30,13 @@ for size in [(500, 375), (1024, 768)]:
         inputs[mode] = torch.stack([decoder.image(b) for b in data])
         times[mode] = (time.perf_counter() - start) / len(data)
     with torch.no_grad():
-        a, b = (torch.nn.functional.normalize(model.encode_image(inputs[m]), dim=-1) for m in ("pil", "cpu"))
-    cos = (a * b).sum(-1)
-    print(
-        f"{size[0]}x{size[1]}: pil {times['pil'] * 1000:.2f} ms/image, "
-        f"cpu {times['cpu'] * 1000:.2f} ms/image ({times['pil'] / times['cpu']:.2f}x); "
-        f"cpu vs pil embeddings min cosine {cos.min():.7f}, "
-        f"mean {cos.mean():.7f}"
-    )
+        embeddings = {
+            m: torch.nn.functional.normalize(model.encode_image(x), dim=-1) for m, x in inputs.items()
+        }
+    for mode in ("cpu", "cpu+dct"):
+        cos = (embeddings["pil"] * embeddings[mode]).sum(-1)
+        print(
+            f"{size[0]}x{size[1]} {mode}: {times[mode] * 1000:.2f} ms/image against pil's "
+            f"{times['pil'] * 1000:.2f} ({times['pil'] / times[mode]:.2f}x); embeddings against pil: "
+            f"min cosine {cos.min():.7f}, mean {cos.mean():.7f}"
+        )
