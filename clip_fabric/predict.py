@@ -25,7 +25,7 @@ from clip_fabric.encode import DEFAULT_BATCH_SIZE, SplittingEncoder
 from clip_fabric.model import Encoder, check_model, load_model
 from clip_fabric.precision import build_precision, resolve_precision
 from clip_fabric.preemption import StopRequest, requeue_slurm_job
-from clip_fabric.strategies import build_strategy, data_parallel, partner_session, writes
+from clip_fabric.strategies import build_strategy, data_parallel, partner_session, stop_agreed, writes
 from clip_fabric.topology import TowerLayout
 from clip_fabric.writers import DONE_DIR, EMBEDDING_DIRS, ShardWriter, done_shards
 from clip_fabric.zeroshot import load_class_names, load_templates, sharded_classifier
@@ -207,9 +207,11 @@ def main(
     start = time.perf_counter()
     progress = tqdm(desc=f"embedding {len(mine)} shards", unit=" samples", disable=fabric.global_rank != 0)
     pending: _Encoded | None = None
+    stopping = False  # this rank's signal, or a signal to a rank it computes batches with
     with torch.inference_mode(), StopRequest() as stop, partner_session(fabric.strategy, encoder.module):
         for batch in batches:
-            if stop:
+            stopping = stop_agreed(fabric.strategy, bool(stop))
+            if stopping:
                 write(pending)
                 pending = None
                 if batch["shard"] not in writer.open_shards:
@@ -243,7 +245,11 @@ def main(
     }
     if fabric.global_rank == 0:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        if stop and summary["shards_done"] < summary["shards_total"] and not requeue_slurm_job():
+        if (
+            (stop or stopping)
+            and summary["shards_done"] < summary["shards_total"]
+            and not requeue_slurm_job()
+        ):
             fabric.print("clip_fabric: stopped on a signal; rerun the same command to resume")
     fabric.print(
         f"clip_fabric: {summary['rows']} rows, {summary['errors']} skipped samples (errors/), "

@@ -82,3 +82,10 @@ def partner_session(strategy: Strategy | object, module: nn.Module) -> AbstractC
     """Where ranks work in pairs, the exchange between partners; otherwise nothing."""
     session = getattr(strategy, "partner_session", None)
     return session(module) if session is not None else nullcontext()
+
+
+def stop_agreed(strategy: Strategy | object, stop: bool) -> bool:
+    """Whether this rank stops before its next batch: its own stop signal, or, where ranks compute each
+    batch together, any of theirs (a collective: every rank of such a group calls it every batch)."""
+    agree = getattr(strategy, "agree_to_stop", None)
+    return agree(stop) if agree is not None else stop

@@ -8,6 +8,8 @@ function, torchtitan-style: one function applies the plan, the model code is not
 
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.fabric.strategies import ModelParallelStrategy
 from torch import Tensor, nn
@@ -98,3 +100,11 @@ class VisionTensorParallelStrategy(ModelParallelStrategy):
     @property
     def writes(self) -> bool:
         return self.device_mesh["tensor_parallel"].get_local_rank() == 0
+
+    def agree_to_stop(self, stop: bool) -> bool:
+        """Whether any rank of this tensor-parallel group was signalled. The group computes each batch
+        together, so its ranks must stop before the same batch: a signal that reaches them a batch apart
+        would otherwise leave one rank in a collective the others never enter."""
+        flag = torch.tensor([float(stop)], device=self.root_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.device_mesh["tensor_parallel"].get_group())
+        return bool(flag.item())
