@@ -64,7 +64,10 @@ def setup(
         accelerator: Fabric accelerator: ``cpu``, ``cuda``, ``gpu`` or ``auto``.
         devices: Devices per node (a count, or ``auto``).
         num_nodes: Number of nodes.
-        strategy: ``auto`` (one device, else data parallel) or ``ddp``.
+        strategy: ``auto`` (one device, else data parallel), ``ddp``, ``model_parallel`` (the two towers
+            on two devices of one process), ``hybrid`` (rank pairs, one tower each, pairs data
+            parallel) or ``tensor_parallel`` (the vision tower sharded over a group of ranks); see
+            docs/strategies.md.
         precision: ``32-true``, ``16-mixed`` / ``16-true`` (fp16, LayerNorms and final projections kept
             in fp32), ``bf16-mixed``, ``bf16-true``, ``fp8`` (H100/Ada with transformer-engine or
             torchao) or ``auto`` (chosen per GPU, with the reason printed); see docs/precision.md.
