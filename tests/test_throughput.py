@@ -268,3 +268,20 @@ def test_cpu_fallback_beside_the_gpu_decoder_does_not_scale():
     decoder = CpuDecoder(PREPROCESS, None, mode="cpu", scale_jpegs=False)
     array = decoder._scaled_jpeg(large)
     assert array is None or array.shape[:2] == (1200, 1600)  # whole (simplejpeg) or left to PIL
+
+
+def test_cpu_path_leaves_modes_whose_conversion_does_not_commute_to_open_clip():
+    """Palette, alpha, 16-bit and CMYK images: open_clip resizes, then converts; its order is kept."""
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    pil, fast = CpuDecoder(PREPROCESS, tokenizer, mode="pil"), CpuDecoder(PREPROCESS, tokenizer, mode="cpu")
+    rgb = Image.open(io.BytesIO(encoded((300, 200))))
+    odd = [
+        (rgb.convert("P"), "PNG"),
+        (rgb.convert("RGBA"), "PNG"),
+        (rgb.convert("CMYK"), "JPEG"),
+        (Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257), "PNG"),
+    ]
+    for image, fmt in odd:
+        buf = io.BytesIO()
+        image.save(buf, format=fmt)
+        assert torch.equal(pil.image(buf.getvalue()), fast.image(buf.getvalue())), image.mode

@@ -31,6 +31,8 @@ except ImportError:  # pragma: no cover - depends on the environment
     simplejpeg = None
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+# Modes whose conversion to RGB commutes with resizing: the tensor path takes these, open_clip the rest.
+TENSOR_MODES = ("RGB", "L")
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,10 @@ class CpuDecoder:
             array = self._scaled_jpeg(data) if data.startswith(JPEG_MAGIC) else None
             if array is None:
                 with self._open(data) as image:
+                    if image.mode not in TENSOR_MODES:
+                        # Palette, alpha, 16-bit, CMYK: open_clip resizes before converting to RGB,
+                        # and the order changes the pixels, so its own preprocess runs.
+                        return self.preprocess(image)
                     array = np.array(image.convert("RGB"))
             return self.spec.apply(torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0))[0]
         with self._open(data) as image:
@@ -163,7 +169,9 @@ class CpuDecoder:
         target = self.spec.resize
         short = min(header.width, header.height)
         large = self.scale_jpegs and short >= 2 * target
-        if simplejpeg is not None and header.mode in ("RGB", "L"):
+        if header.mode not in TENSOR_MODES:
+            return None
+        if simplejpeg is not None:
             # simplejpeg picks the smallest DCT scale whose output is at least min_width x min_height.
             scale = target / short if large else 1.0
             return simplejpeg.decode_jpeg(
