@@ -140,7 +140,8 @@ def test_killed_run_resumes_exactly_once(tmp_path, tiny_config):
     out = tmp_path / "out"
     cmd = [
         sys.executable, "-m", "clip_fabric", "predict", "--accelerator", "cpu", "--devices", "2",
-        "--model.config", str(tiny_config), "--data.format", "synthetic", "--data.num_samples", "480",
+        "--model.config", str(tiny_config), "--data.format", "synthetic",
+        "--data.image_size", "[64,48]", "--data.num_samples", "480",
         "--data.shard_size", "8", "--data.batch_size", "4", "--data.num_workers", "1",
         "--output.dir", str(out),
     ]  # fmt: skip
@@ -175,7 +176,8 @@ def test_preemption_signal_stops_cleanly_requeues_and_resumes(tmp_path, tiny_con
     scontrol.chmod(0o755)
     cmd = [
         sys.executable, "-m", "clip_fabric", "predict", "--accelerator", "cpu", "--devices", "2",
-        "--model.config", str(tiny_config), "--data.format", "synthetic", "--data.num_samples", "480",
+        "--model.config", str(tiny_config), "--data.format", "synthetic",
+        "--data.image_size", "[64,48]", "--data.num_samples", "480",
         "--data.shard_size", "8", "--data.batch_size", "4", "--data.num_workers", "2",
         "--output.dir", str(out),
     ]  # fmt: skip
@@ -221,7 +223,8 @@ def test_a_dead_rank_does_not_hang_the_others(tmp_path, tiny_config):
     out = tmp_path / "out"
     cmd = [
         sys.executable, "-m", "clip_fabric", "predict", "--accelerator", "cpu", "--devices", "2",
-        "--model.config", str(tiny_config), "--data.format", "synthetic", "--data.num_samples", "480",
+        "--model.config", str(tiny_config), "--data.format", "synthetic",
+        "--data.image_size", "[64,48]", "--data.num_samples", "480",
         "--data.shard_size", "8", "--data.batch_size", "4", "--data.num_workers", "1",
         "--output.dir", str(out), "--timeout_s", "60",
     ]  # fmt: skip
@@ -253,8 +256,8 @@ def test_a_signal_to_one_tensor_parallel_rank_stops_the_group_together(tmp_path,
     cmd = [
         sys.executable, "-m", "clip_fabric", "predict", "--accelerator", "cpu", "--devices", "2",
         "--strategy", "tensor_parallel", "--model.config", str(tiny_config), "--data.format", "synthetic",
-        "--data.num_samples", "240", "--data.shard_size", "8", "--data.batch_size", "4",
-        "--data.num_workers", "1", "--output.dir", str(out), "--timeout_s", "60",
+        "--data.image_size", "[64,48]", "--data.num_samples", "240", "--data.shard_size", "8",
+        "--data.batch_size", "4", "--data.num_workers", "1", "--output.dir", str(out), "--timeout_s", "60",
     ]  # fmt: skip
     env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
