@@ -15,7 +15,6 @@ from typing import Literal
 import torch
 from lightning.fabric import Fabric
 from torch import Tensor
-from torch.distributed import ReduceOp
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 from tqdm import tqdm
@@ -138,13 +137,8 @@ def main(
     split = data_parallel(fabric.strategy, fabric.global_rank, fabric.world_size)
     mine = shards[split[0] :: split[1]] if split else []
     decode = resolve_decode(data.decode, fabric.device, preprocess)
-    image_size = model.visual.image_size
     batch_size = choose_batch_size(
-        data, module, image_size[0] if isinstance(image_size, (tuple, list)) else image_size,
-        model.context_length if task == "retrieval" else None, [fabric.device], decode,
-    )  # fmt: skip
-    batch_size = int(
-        fabric.all_reduce(torch.tensor(batch_size, device=fabric.device), reduce_op=ReduceOp.MIN)
+        fabric, module, model, data, images=True, texts=task == "retrieval", decode=decode
     )
     encoder = SplittingEncoder(module, batch_size)
     loader = device_batches(

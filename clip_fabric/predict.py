@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from lightning.fabric import Fabric
-from torch.distributed import ReduceOp
 from tqdm import tqdm
 
 from clip_fabric.config import MODE_OUTPUTS, DataArgs, Mode, ModelArgs, OutputArgs, ZeroShotArgs
@@ -170,7 +169,10 @@ def main(
     split = data_parallel(fabric.strategy, fabric.global_rank, fabric.world_size)
     mine = [s for s in shards[split[0] :: split[1]] if s.index not in done] if split else []
     decode = resolve_decode(data.decode, fabric.device, preprocess) if mode != "text" else "none"
-    batch_size = _batch_size(fabric, encoder, model, data, mode, decode)
+    batch_size = choose_batch_size(
+        fabric, encoder.module, model, data, images=mode != "text", texts=mode not in ("image", "zeroshot"),
+        decode=decode,
+    )  # fmt: skip
     encoder.max_batch = batch_size
     batches = device_batches(
         source, mine, preprocess, tokenizer, data, batch_size, fabric.device, decode,
@@ -288,36 +290,11 @@ class _Encoded:
         return {k: v.numpy() for k, v in self.outputs.items()}
 
 
-def _batch_size(fabric: Fabric, encoder: SplittingEncoder, model: torch.nn.Module, data: DataArgs,
-                mode: str, decode: str) -> int:  # fmt: skip
-    """``--data.batch_size``, or what ``auto`` finds on this rank, the smallest over all ranks."""
-    if data.batch_size != "auto":
-        return data.batch_size
-    if not getattr(fabric.strategy, "local_forward", True):
-        fabric.print(f"clip_fabric: batch size {DEFAULT_BATCH_SIZE} (auto cannot probe a paired forward)")
-        return DEFAULT_BATCH_SIZE
-    visual = getattr(model, "visual", None)
-    image_size = getattr(visual, "image_size", None) if mode != "text" else None
-    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
-    context = getattr(model, "context_length", None) if mode not in ("image", "zeroshot") else None
-    with torch.inference_mode():
-        size = choose_batch_size(data, encoder.module, image_size, context, _devices(model, fabric), decode)
-    size = int(fabric.all_reduce(torch.tensor(size, device=fabric.device), reduce_op=ReduceOp.MIN))
-    fabric.print(f"clip_fabric: batch size {size} (auto)")
-    return size
-
-
 def _steady_rate(steady: dict, rows: int, end: float) -> float | None:
     """This rank's samples/s after its first batch was written; None with too little to measure."""
     if steady["start"] is None or end - steady["start"] < 0.5 or rows <= steady["rows"]:
         return None
     return round((rows - steady["rows"]) / (end - steady["start"]), 1)
-
-
-def _devices(model: torch.nn.Module, fabric: Fabric) -> list[torch.device]:
-    """The devices that hold the model's weights (two under model_parallel), the rank's device first."""
-    held = {p.device for p in model.parameters() if p.device.type == fabric.device.type}
-    return [fabric.device, *sorted(held - {fabric.device}, key=str)]
 
 
 def _percentiles(values: list[float]) -> dict | None:

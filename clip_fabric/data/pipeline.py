@@ -7,6 +7,9 @@ import logging
 from collections.abc import Callable, Iterator
 
 import torch
+from lightning.fabric import Fabric
+from torch import nn
+from torch.distributed import ReduceOp
 from torch.utils.data import DataLoader
 
 from clip_fabric.config import DataArgs
@@ -15,7 +18,7 @@ from clip_fabric.data.decode import CpuDecoder, ImageSpec
 from clip_fabric.data.gpu import DeviceImageDecoder, gpu_decode_available
 from clip_fabric.data.prefetch import device_stage
 from clip_fabric.data.stream import ShardStream
-from clip_fabric.encode import auto_batch_size
+from clip_fabric.encode import DEFAULT_BATCH_SIZE, auto_batch_size
 from clip_fabric.preemption import ignore_stop_signals
 
 log = logging.getLogger(__name__)
@@ -40,26 +43,39 @@ def resolve_decode(decode: str, device: torch.device, preprocess: Callable) -> s
 
 
 def choose_batch_size(
+    fabric: Fabric,
+    module: nn.Module,
+    model: nn.Module,
     data: DataArgs,
-    encode: Callable,
-    image_size: int | None,
-    context_length: int | None,
-    devices: list[torch.device],
+    images: bool,
+    texts: bool,
     decode: str,
 ) -> int:
-    """``--data.batch_size``, or the size ``auto`` picks on ``devices`` (the first gets the inputs)."""
+    """``--data.batch_size``, or what ``auto`` finds with one probe batch of the towers that run (images
+    and/or texts) on every device holding weights, the smallest over all ranks. A strategy whose forward
+    needs a partner rank (``local_forward = False``) cannot probe alone and gets the default."""
     if data.batch_size != "auto":
         return data.batch_size
+    if not getattr(fabric.strategy, "local_forward", True):
+        fabric.print(f"clip_fabric: batch size {DEFAULT_BATCH_SIZE} (auto cannot probe a paired forward)")
+        return DEFAULT_BATCH_SIZE
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    held = {p.device for p in model.parameters() if p.device.type == fabric.device.type}
+    devices = [fabric.device, *sorted(held - {fabric.device}, key=str)]  # two under model_parallel
 
     def inputs(n: int) -> tuple:
-        images = torch.zeros(n, 3, image_size, image_size, device=devices[0]) if image_size else None
-        texts = (
-            torch.zeros(n, context_length, dtype=torch.int64, device=devices[0]) if context_length else None
+        return (
+            torch.zeros(n, 3, size, size, device=devices[0]) if images else None,
+            torch.zeros(n, model.context_length, dtype=torch.int64, device=devices[0]) if texts else None,
         )
-        return images, texts
 
     extra = GPU_DECODE_BYTES_PER_SAMPLE if decode == "gpu" else 0
-    return auto_batch_size(encode, inputs, devices, extra_bytes_per_sample=extra)
+    with torch.inference_mode():
+        found = auto_batch_size(module, inputs, devices, extra_bytes_per_sample=extra)
+    found = int(fabric.all_reduce(torch.tensor(found, device=fabric.device), reduce_op=ReduceOp.MIN))
+    fabric.print(f"clip_fabric: batch size {found} (auto)")
+    return found
 
 
 def device_batches(
