@@ -144,6 +144,25 @@ def main(
     zeroshot: ZeroShotArgs,
     run: dict,
 ) -> dict:
+    """One rank's run. A stop signal is caught from here to the end, not only in the loop: one that lands
+    while the ranks meet for the summary (a rank done early) must not kill that rank with the default
+    action, which fails the other ranks in their collectives."""
+    with StopRequest() as stop:
+        return _predict(fabric, source, model_args, data, output, mode, threshold, zeroshot, run, stop)
+
+
+def _predict(
+    fabric: Fabric,
+    source: Source,
+    model_args: ModelArgs,
+    data: DataArgs,
+    output: OutputArgs,
+    mode: Mode,
+    threshold: float | None,
+    zeroshot: ZeroShotArgs,
+    run: dict,
+    stop: StopRequest,
+) -> dict:
     out_dir = Path(output.dir)
     if fabric.global_rank == 0:
         _start_output_dir(out_dir, run, output.overwrite)
@@ -213,7 +232,7 @@ def main(
     progress = tqdm(desc=f"embedding {len(mine)} shards", unit=" samples", disable=fabric.global_rank != 0)
     pending: _Encoded | None = None
     stopping = False  # this rank's signal, or a signal to a rank it computes batches with
-    with torch.inference_mode(), StopRequest() as stop, partner_session(fabric.strategy, encoder.module):
+    with torch.inference_mode(), partner_session(fabric.strategy, encoder.module):
         for batch in batches:
             stopping = stop_agreed(fabric.strategy, bool(stop))
             if stopping:
