@@ -13,6 +13,7 @@ Three image paths, chosen by ``--data.decode``:
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -82,9 +83,15 @@ class ImageSpec:
         crop_h, crop_w = self.crop
         top, left = int(round((new[0] - crop_h) / 2.0)), int(round((new[1] - crop_w) / 2.0))
         x = x[:, :, top : top + crop_h, left : left + crop_w].float()
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        mean, std = _normaliser(self.mean, self.std, x.device)
         return (x / 255.0 - mean) / std
+
+
+@functools.cache
+def _normaliser(mean: tuple, std: tuple, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``mean`` and ``std`` as (1, 3, 1, 1) tensors on ``device``, made once: a tensor built from Python
+    numbers on a GPU is a copy the host waits for, which would stall the device stage every batch."""
+    return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1) for v in (mean, std))
 
 
 @dataclass(frozen=True)

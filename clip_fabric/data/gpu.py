@@ -23,7 +23,7 @@ from clip_fabric.data.decode import CpuDecoder, ImageSpec
 log = logging.getLogger(__name__)
 # Resize at most this many input pixels x channels at once (float32: 4 bytes each), so a batch of large
 # photos of one size is resized in chunks rather than all at once.
-RESIZE_CHUNK_VALUES = 256 * 1024 * 1024
+RESIZE_CHUNK_VALUES = 64 * 1024 * 1024
 
 
 def gpu_decode_available(device: torch.device) -> bool:
@@ -50,25 +50,35 @@ class DeviceImageDecoder:
         self.spec = spec
         self.cpu = cpu
         self.device = torch.device(device)
+        # nvJPEG's outputs are allocated from the memory pool of the stream current during the decode,
+        # and written on torchvision's own stream. Blocks the encoder's stream freed while its kernels
+        # are still queued can be handed out again at once on that same stream, so decoding straight
+        # into the encoder stream's pool overwrote activations of the batch still running (2-GPU H100
+        # runs wrote image rows that differed between runs, cosine down to 0.91). A stream that runs
+        # no kernels owns the decoded images instead, and each image is marked as used on the stream
+        # that resizes it, so its memory comes back only once that resize has run.
+        self.pool = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def __call__(self, batch: dict) -> dict:
         """``batch`` with ``images`` on the device for all its rows; rows whose JPEG no decoder reads move
-        to ``errors``."""
+        to ``errors``. Queues work on the device without waiting for it (no host synchronisation beyond
+        nvJPEG's own), so the batch before this one keeps the GPU busy meanwhile."""
         if batch.get("jpeg_data") is None:
             return batch
         rows = len(batch["rows"])
-        height, width = self.spec.crop
-        images = torch.empty(rows, 3, height, width, device=self.device)
-        if batch["images"] is not None:
-            images[batch["image_rows"].to(self.device)] = batch["images"].to(self.device, non_blocking=True)
         blobs = list(torch.split(batch["jpeg_data"], batch["jpeg_lengths"].tolist()))
         decoded, failed = self._decode(blobs)
         jpeg_rows = batch["jpeg_rows"].tolist()
         done = [i for i in range(len(blobs)) if i not in failed]
-        if done:
-            images[torch.tensor([jpeg_rows[i] for i in done], device=self.device)] = self._resize(
-                [decoded[i] for i in done]
-            )
+        resized = self._resize([decoded[i] for i in done]) if done else None
+        if batch["images"] is None and not failed:
+            images = resized  # every row a JPEG, in order: no scatter
+        else:
+            images = torch.empty(rows, 3, *self.spec.crop, device=self.device)
+            if batch["images"] is not None:
+                images[self._index(batch["image_rows"])] = batch["images"].to(self.device, non_blocking=True)
+            if done:
+                images[self._index([jpeg_rows[i] for i in done])] = resized
         out = {k: v for k, v in batch.items() if k not in ("jpeg_data", "jpeg_lengths", "jpeg_rows")}
         out["images"] = images
         out.pop("image_rows", None)
@@ -76,23 +86,25 @@ class DeviceImageDecoder:
             out = self._drop(out, {jpeg_rows[i]: reason for i, reason in failed.items()})
         return out
 
+    def _index(self, rows: list[int] | Tensor) -> Tensor:
+        """Row positions on the device, copied without making the host wait for the device."""
+        index = torch.as_tensor(rows, dtype=torch.int64)
+        if self.device.type == "cuda" and not index.is_pinned():
+            index = index.pin_memory()
+        return index.to(self.device, non_blocking=True)
+
     def _decode(self, blobs: list[Tensor]) -> tuple[dict[int, Tensor], dict[int, str]]:
         """Decoded CHW uint8 images by position, and the reasons of those that failed everywhere."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torchvision's deprecation notice for its decoders
             try:
-                self._settle()
-                decoded = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=self.device)
-                self._settle()
-                return dict(enumerate(decoded)), {}
+                return dict(enumerate(self._nvjpeg(blobs))), {}
             except RuntimeError as err:
                 log.warning("batched JPEG decode failed (%s): decoding the batch one image at a time", err)
             decoded, failed = {}, {}
             for i, blob in enumerate(blobs):
                 try:
-                    self._settle()
-                    decoded[i] = decode_jpeg(blob, mode=ImageReadMode.RGB, device=self.device)
-                    self._settle()
+                    decoded[i] = self._nvjpeg([blob])[0]
                 except RuntimeError:
                     try:  # the CPU decoder tolerates some files nvJPEG refuses
                         decoded[i] = self.cpu.image(blob.numpy().tobytes())
@@ -100,34 +112,44 @@ class DeviceImageDecoder:
                         failed[i] = f"undecodable image: {type(err).__name__}: {err}"
         return decoded, failed
 
-    def _settle(self) -> None:
-        """Let nothing else run on the device around an nvJPEG decode.
-
-        torchvision allocates the decoded images from the current stream's memory pool but writes them
-        on a stream of its own, reading the batch's pinned bytes there too. Memory the current stream
-        freed while its kernels are still queued (the previous batch's images and activations) can be
-        handed to nvJPEG and overwritten before those kernels read it, and the pinned bytes can be
-        reused by the DataLoader before nvJPEG has read them. 2-GPU runs on H100s without these waits
-        wrote image embeddings that differed between runs (cosine down to 0.91). Waiting costs the
-        overlap of decoding with the previous batch's encoder: see docs/benchmarks.md.
-        """
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def _nvjpeg(self, blobs: list[Tensor]) -> list[Tensor]:
+        """nvJPEG's batched decode. It returns once the images are written (torchvision waits for its
+        stream), so the host bytes are free again; the images belong to ``self.pool`` (see __init__)."""
+        if self.pool is None:
+            return decode_jpeg(blobs, mode=ImageReadMode.RGB, device=self.device)
+        consumer = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.pool):
+            images = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=self.device)
+        consumer.wait_stream(self.pool)
+        for image in images:
+            image.record_stream(consumer)
+        return images
 
     def _resize(self, images: list[Tensor]) -> Tensor:
         """Preprocessed images in the order given: same-size images resized together."""
-        out = torch.empty(len(images), 3, *self.spec.crop, device=self.device)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, image in enumerate(images):
             groups[tuple(image.shape) if image.dtype == torch.uint8 else ("cpu",)].append(i)
+        if len(groups) == 1 and ("cpu",) not in groups:
+            return self._resize_group(images)  # one size (a typical batch): no scatter
+        out = torch.empty(len(images), 3, *self.spec.crop, device=self.device)
         for shape, members in groups.items():
+            part = [images[i] for i in members]
             if shape == ("cpu",):  # fell back to the CPU decoder: already preprocessed
-                out[members] = torch.stack([images[i] for i in members]).to(self.device)
-                continue
-            step = max(1, RESIZE_CHUNK_VALUES // (shape[0] * shape[1] * shape[2]))
-            for start in range(0, len(members), step):
-                part = members[start : start + step]
-                out[part] = self.spec.apply(torch.stack([images[i] for i in part]))
+                out[self._index(members)] = torch.stack(part).to(self.device)
+            else:
+                out[self._index(members)] = self._resize_group(part)
+        return out
+
+    def _resize_group(self, images: list[Tensor]) -> Tensor:
+        """``images`` of one size, preprocessed in chunks of at most RESIZE_CHUNK_VALUES input values."""
+        channels, height, width = images[0].shape
+        step = max(1, RESIZE_CHUNK_VALUES // (channels * height * width))
+        if step >= len(images):
+            return self.spec.apply(torch.stack(images))
+        out = torch.empty(len(images), 3, *self.spec.crop, device=self.device)
+        for start in range(0, len(images), step):
+            out[start : start + step] = self.spec.apply(torch.stack(images[start : start + step]))
         return out
 
     def _drop(self, batch: dict, reasons: dict[int, str]) -> dict:
