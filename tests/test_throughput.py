@@ -285,3 +285,23 @@ def test_cpu_path_leaves_modes_whose_conversion_does_not_commute_to_open_clip():
         buf = io.BytesIO()
         image.save(buf, format=fmt)
         assert torch.equal(pil.image(buf.getvalue()), fast.image(buf.getvalue())), image.mode
+
+
+def test_auto_decode_is_gpu_only_where_it_was_measured(monkeypatch):
+    from clip_fabric.data import pipeline
+
+    cuda = torch.device("cuda", 0)
+    available = {"yes": True}
+    monkeypatch.setattr(pipeline, "gpu_decode_available", lambda device: available["yes"])
+    capability = {"value": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
+    assert pipeline.resolve_decode("auto", torch.device("cpu"), PREPROCESS) == "cpu"
+    assert pipeline.resolve_decode("auto", cuda, PREPROCESS) == "gpu"  # H100, H200
+    capability["value"] = (8, 0)
+    assert pipeline.resolve_decode("auto", cuda, PREPROCESS) == "cpu"  # not measured there
+    capability["value"], available["yes"] = (9, 0), False
+    assert pipeline.resolve_decode("auto", cuda, PREPROCESS) == "cpu"  # a torchvision without nvJPEG
+    with pytest.raises(ValueError, match="torchvision cannot decode JPEGs on this GPU"):
+        pipeline.resolve_decode("gpu", cuda, PREPROCESS)
+    squash = open_clip.image_transform(224, is_train=False, resize_mode="squash")
+    assert pipeline.resolve_decode("auto", cuda, squash) == "pil"

@@ -29,8 +29,9 @@ GPU_DECODE_BYTES_PER_SAMPLE = 16 * 1024 * 1024
 
 def resolve_decode(decode: str, device: torch.device, preprocess: Callable) -> str:
     """The decode path that runs. ``auto`` is the fastest path measured within 1e-5 cosine distance of
-    open_clip's own preprocess: ``cpu`` (2e-7 on 500x375 JPEGs, docs/benchmarks.md) for now; ``gpu``
-    (3e-6) joins once its synchronisation fix (clip_fabric.data.gpu) has run at scale on a GPU."""
+    open_clip's own preprocess (docs/benchmarks.md): ``gpu`` (3e-6) on the GPUs it was measured on,
+    Hopper (H100, H200: 2.3x the ``cpu`` path), whose hardware JPEG decoder torchvision uses; ``cpu``
+    (2e-7) everywhere else."""
     if decode == "gpu":
         if device.type != "cuda":
             raise ValueError(f"--data.decode gpu needs a CUDA device, this rank has {device}; use cpu")
@@ -39,7 +40,10 @@ def resolve_decode(decode: str, device: torch.device, preprocess: Callable) -> s
     if decode in ("gpu", "cpu", "auto") and ImageSpec.from_preprocess(preprocess) is None:
         log.warning("this model's preprocess is not resize+center-crop: decoding with it on the CPU")
         return "pil"
-    return "cpu" if decode == "auto" else decode
+    if decode == "auto":
+        measured = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+        return "gpu" if measured and gpu_decode_available(device) else "cpu"
+    return decode
 
 
 def choose_batch_size(
