@@ -148,140 +148,133 @@ def main(
     while the ranks meet for the summary (a rank done early) must not kill that rank with the default
     action, which fails the other ranks in their collectives."""
     with StopRequest() as stop:
-        return _predict(fabric, source, model_args, data, output, mode, threshold, zeroshot, run, stop)
+        out_dir = Path(output.dir)
+        if fabric.global_rank == 0:
+            _start_output_dir(out_dir, run, output.overwrite)
+        fabric.barrier()
 
-
-def _predict(
-    fabric: Fabric,
-    source: Source,
-    model_args: ModelArgs,
-    data: DataArgs,
-    output: OutputArgs,
-    mode: Mode,
-    threshold: float | None,
-    zeroshot: ZeroShotArgs,
-    run: dict,
-    stop: StopRequest,
-) -> dict:
-    out_dir = Path(output.dir)
-    if fabric.global_rank == 0:
-        _start_output_dir(out_dir, run, output.overwrite)
-    fabric.barrier()
-
-    model, preprocess, tokenizer = load_model(model_args)
-    encoder = SplittingEncoder(
-        fabric.setup_module(Encoder(model, MODE_OUTPUTS[mode], zeroshot.top_k)), DEFAULT_BATCH_SIZE
-    )
-    class_names = None
-    if "topk" in MODE_OUTPUTS[mode]:
-        class_names = load_class_names(zeroshot.class_names)
-        text_features = encoder.module.text_features  # outside forward: autocast by hand
-
-        def encode_text(tokens: torch.Tensor) -> torch.Tensor:
-            with fabric.autocast():
-                return text_features(fabric.to_device(tokens))
-
-        templates = load_templates(zeroshot.templates)
-        encoder.module.classifier = sharded_classifier(fabric, encode_text, tokenizer, class_names, templates)
-    shards = source.shards()
-    done = done_shards(out_dir)
-    split = data_parallel(fabric.strategy, fabric.global_rank, fabric.world_size)
-    mine = [s for s in shards[split[0] :: split[1]] if s.index not in done] if split else []
-    decode = resolve_decode(data.decode, fabric.device, preprocess) if mode != "text" else "none"
-    batch_size = choose_batch_size(
-        fabric, encoder.module, model, data, images=mode != "text", texts=mode not in ("image", "zeroshot"),
-        decode=decode,
-    )  # fmt: skip
-    encoder.max_batch = batch_size
-    batches = device_batches(
-        source, mine, preprocess, tokenizer, data, batch_size, fabric.device, decode,
-        need_image=mode != "text", need_text=mode != "image",
-    )  # fmt: skip
-    writer = ShardWriter(
-        out_dir,
-        len(shards),
-        output.dtype,
-        threshold,
-        enabled=writes(fabric.strategy),
-        class_names=class_names,
-    )
-    names = {s.index: s.name for s in mine}
-    rows = errors = 0
-    latencies: list[float] = []
-    steady: dict = {"start": None, "rows": 0}
-
-    def write(done: _Encoded | None) -> None:
-        """Hand a batch's results to the writer once their copy to the host has landed."""
-        nonlocal rows, errors
-        if done is None:
-            return
-        batch, outputs = done.batch, done.host()
-        writer.add(
-            batch["shard"], names[batch["shard"]], batch["rows"], batch["errors"], outputs, batch["last"]
+        model, preprocess, tokenizer = load_model(model_args)
+        encoder = SplittingEncoder(
+            fabric.setup_module(Encoder(model, MODE_OUTPUTS[mode], zeroshot.top_k)), DEFAULT_BATCH_SIZE
         )
-        rows += len(batch["rows"]) * writer.enabled
-        errors += len(batch["errors"]) * writer.enabled
-        latencies.append(time.perf_counter() - done.started)
-        progress.update(len(batch["rows"]))
-        if steady["start"] is None:  # steady state: from the first batch out, past start-up and warm-up
-            steady["start"], steady["rows"] = time.perf_counter(), rows
+        class_names = None
+        if "topk" in MODE_OUTPUTS[mode]:
+            class_names = load_class_names(zeroshot.class_names)
+            text_features = encoder.module.text_features  # outside forward: autocast by hand
 
-    if fabric.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(fabric.device)
-    start = time.perf_counter()
-    progress = tqdm(desc=f"embedding {len(mine)} shards", unit=" samples", disable=fabric.global_rank != 0)
-    pending: _Encoded | None = None
-    stopping = False  # this rank's signal, or a signal to a rank it computes batches with
-    with torch.inference_mode(), partner_session(fabric.strategy, encoder.module):
-        for batch in batches:
-            stopping = stop_agreed(fabric.strategy, bool(stop))
-            if stopping:
-                write(pending)
-                pending = None
-                if batch["shard"] not in writer.open_shards:
-                    if not writer.open_shards:
-                        break
-                    continue  # a shard not begun before the signal is left whole for the rerun
-            # This batch's results copy back while the next batch is queued on the device.
-            pending, previous = _Encoded.start(encoder, batch), pending
-            write(previous)
-        write(pending)
-    writer.close()
-    progress.close()
-    end = time.perf_counter()
-    seconds = end - start
-    rate = _steady_rate(steady, rows, end)
-    # float64 holds row counts exactly; the steady rates of the ranks add up to the job's.
-    unmeasured = rate is None and rows > 0  # ranks that wrote nothing (text ranks, idle ranks) do not vote
-    local = torch.tensor([rows, errors, rate or 0.0, unmeasured], dtype=torch.float64, device=fabric.device)
-    counts = fabric.all_reduce(local, reduce_op="sum")
-    rows = int(counts[0])
-    fabric.barrier()
-    summary = _summarize(out_dir, run, len(shards), rows, int(counts[1]), seconds, fabric.world_size)
-    summary["this_run"] |= {
-        "batch_size": batch_size,
-        "decode": decode,
-        "batch_latency_ms": _percentiles(latencies),
-        "steady_samples_per_s": round(float(counts[2]), 1) if not counts[3] else None,
-        "peak_memory_gb": round(torch.cuda.max_memory_allocated(fabric.device) / 1e9, 3)
-        if fabric.device.type == "cuda"
-        else None,
-    }
-    if fabric.global_rank == 0:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        if (
-            (stop or stopping)
-            and summary["shards_done"] < summary["shards_total"]
-            and not requeue_slurm_job()
-        ):
-            fabric.print("clip_fabric: stopped on a signal; rerun the same command to resume")
-    fabric.print(
-        f"clip_fabric: {summary['rows']} rows, {summary['errors']} skipped samples (errors/), "
-        + (f"{summary['filtered']} pairs under --threshold, " if summary["filtered"] else "")
-        + f"{summary['shards_done']}/{summary['shards_total']} shards in {out_dir}; this run {rows} rows "
-        f"at {summary['this_run']['samples_per_s'] or 0:.1f} samples/s on {fabric.world_size} rank(s)"
-    )
-    return summary
+            def encode_text(tokens: torch.Tensor) -> torch.Tensor:
+                with fabric.autocast():
+                    return text_features(fabric.to_device(tokens))
+
+            templates = load_templates(zeroshot.templates)
+            encoder.module.classifier = sharded_classifier(
+                fabric, encode_text, tokenizer, class_names, templates
+            )
+        shards = source.shards()
+        done = done_shards(out_dir)
+        split = data_parallel(fabric.strategy, fabric.global_rank, fabric.world_size)
+        mine = [s for s in shards[split[0] :: split[1]] if s.index not in done] if split else []
+        decode = resolve_decode(data.decode, fabric.device, preprocess) if mode != "text" else "none"
+        batch_size = choose_batch_size(
+            fabric, encoder.module, model, data,
+            images=mode != "text", texts=mode not in ("image", "zeroshot"), decode=decode,
+        )  # fmt: skip
+        encoder.max_batch = batch_size
+        batches = device_batches(
+            source, mine, preprocess, tokenizer, data, batch_size, fabric.device, decode,
+            need_image=mode != "text", need_text=mode != "image",
+        )  # fmt: skip
+        writer = ShardWriter(
+            out_dir,
+            len(shards),
+            output.dtype,
+            threshold,
+            enabled=writes(fabric.strategy),
+            class_names=class_names,
+        )
+        names = {s.index: s.name for s in mine}
+        rows = errors = 0
+        latencies: list[float] = []
+        steady: dict = {"start": None, "rows": 0}
+
+        def write(done: _Encoded | None) -> None:
+            """Hand a batch's results to the writer once their copy to the host has landed."""
+            nonlocal rows, errors
+            if done is None:
+                return
+            batch, outputs = done.batch, done.host()
+            writer.add(
+                batch["shard"], names[batch["shard"]], batch["rows"], batch["errors"], outputs, batch["last"]
+            )
+            rows += len(batch["rows"]) * writer.enabled
+            errors += len(batch["errors"]) * writer.enabled
+            latencies.append(time.perf_counter() - done.started)
+            progress.update(len(batch["rows"]))
+            if steady["start"] is None:  # steady state: from the first batch out, past start-up and warm-up
+                steady["start"], steady["rows"] = time.perf_counter(), rows
+
+        if fabric.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(fabric.device)
+        start = time.perf_counter()
+        progress = tqdm(
+            desc=f"embedding {len(mine)} shards", unit=" samples", disable=fabric.global_rank != 0
+        )
+        pending: _Encoded | None = None
+        stopping = False  # this rank's signal, or a signal to a rank it computes batches with
+        with torch.inference_mode(), partner_session(fabric.strategy, encoder.module):
+            for batch in batches:
+                stopping = stop_agreed(fabric.strategy, bool(stop))
+                if stopping:
+                    write(pending)
+                    pending = None
+                    if batch["shard"] not in writer.open_shards:
+                        if not writer.open_shards:
+                            break
+                        continue  # a shard not begun before the signal is left whole for the rerun
+                # This batch's results copy back while the next batch is queued on the device.
+                pending, previous = _Encoded.start(encoder, batch), pending
+                write(previous)
+            write(pending)
+        writer.close()
+        progress.close()
+        end = time.perf_counter()
+        seconds = end - start
+        rate = _steady_rate(steady, rows, end)
+        # float64 holds row counts exactly; the steady rates of the ranks add up to the job's.
+        unmeasured = (
+            rate is None and rows > 0
+        )  # ranks that wrote nothing (text ranks, idle ranks) do not vote
+        local = torch.tensor(
+            [rows, errors, rate or 0.0, unmeasured], dtype=torch.float64, device=fabric.device
+        )
+        counts = fabric.all_reduce(local, reduce_op="sum")
+        rows = int(counts[0])
+        fabric.barrier()
+        summary = _summarize(out_dir, run, len(shards), rows, int(counts[1]), seconds, fabric.world_size)
+        summary["this_run"] |= {
+            "batch_size": batch_size,
+            "decode": decode,
+            "batch_latency_ms": _percentiles(latencies),
+            "steady_samples_per_s": round(float(counts[2]), 1) if not counts[3] else None,
+            "peak_memory_gb": round(torch.cuda.max_memory_allocated(fabric.device) / 1e9, 3)
+            if fabric.device.type == "cuda"
+            else None,
+        }
+        if fabric.global_rank == 0:
+            (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            if (
+                (stop or stopping)
+                and summary["shards_done"] < summary["shards_total"]
+                and not requeue_slurm_job()
+            ):
+                fabric.print("clip_fabric: stopped on a signal; rerun the same command to resume")
+        fabric.print(
+            f"clip_fabric: {summary['rows']} rows, {summary['errors']} skipped samples (errors/), "
+            + (f"{summary['filtered']} pairs under --threshold, " if summary["filtered"] else "")
+            + f"{summary['shards_done']}/{summary['shards_total']} shards in {out_dir}; this run {rows} rows "
+            f"at {summary['this_run']['samples_per_s'] or 0:.1f} samples/s on {fabric.world_size} rank(s)"
+        )
+        return summary
 
 
 class _Encoded:
