@@ -69,7 +69,61 @@ def load_model(args: ModelArgs) -> tuple[nn.Module, Callable, Callable]:
         args.name, pretrained=args.pretrained, cache_dir=args.cache_dir
     )
     model.eval().requires_grad_(False)
+    patch_embedding_as_matmul(model)
     return model, preprocess, open_clip.get_tokenizer(args.name)
+
+
+class MatmulPatchEmbedding(nn.Module):
+    """A ViT's patch embedding (a convolution whose stride equals its kernel) as one matrix product.
+
+    Patches of a stride-equals-kernel convolution do not overlap, so the convolution is a reshape of the
+    image into ``[patches, channels * kernel]`` rows times the flattened kernel. cuDNN runs this shape
+    (NCHW input, 32x32 or 14x14 kernel, 3 input channels) slowly: on an H100 it took 36% of ViT-B-32's
+    image tower in bf16 (docs/benchmarks.md). The result is the convolution's, up to float rounding; it
+    keeps the convolution's ``weight`` Parameter (and ``bias``), so the state dict is unchanged.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.weight = conv.weight  # [out, in, kh, kw]: the same Parameter, not a copy
+        self.bias = conv.bias
+        self.kernel_size = tuple(conv.kernel_size)
+
+    @staticmethod
+    def applies_to(conv: nn.Module) -> bool:
+        return (
+            type(conv) is nn.Conv2d
+            and tuple(conv.stride) == tuple(conv.kernel_size)
+            and tuple(conv.padding) == (0, 0)
+            and tuple(conv.dilation) == (1, 1)
+            and conv.groups == 1
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, channels, height, width = x.shape
+        kh, kw = self.kernel_size
+        rows, cols = height // kh, width // kw
+        # A convolution without padding drops the pixels past the last whole patch.
+        x = x[:, :, : rows * kh, : cols * kw]
+        patches = (
+            x.reshape(batch, channels, rows, kh, cols, kw)
+            .permute(0, 2, 4, 1, 3, 5)  # [batch, rows, cols, channels, kh, kw]: the kernel's order
+            .reshape(batch * rows * cols, channels * kh * kw)
+        )
+        out = F.linear(patches, self.weight.reshape(self.weight.shape[0], -1), self.bias)
+        # [batch, out, rows, cols] as the convolution returns it, a view of the contiguous product.
+        return out.reshape(batch, rows, cols, -1).permute(0, 3, 1, 2)
+
+
+def patch_embedding_as_matmul(model: nn.Module) -> bool:
+    """Replace the image tower's patch-embedding convolution (open_clip's ``visual.conv1``) with
+    :class:`MatmulPatchEmbedding` where it applies; return whether it did."""
+    visual = getattr(model, "visual", None)
+    conv = getattr(visual, "conv1", None)
+    if conv is None or not MatmulPatchEmbedding.applies_to(conv):
+        return False
+    visual.conv1 = MatmulPatchEmbedding(conv)
+    return True
 
 
 class Encoder(nn.Module):

@@ -147,3 +147,23 @@ def test_auto_batch_size_and_decode_on_the_gpu(tmp_path, tiny_config):
 
     run = json.loads((tmp_path / "o" / "summary.json").read_text())["this_run"]
     assert run["batch_size"] == 1024 and run["decode"] == expected and run["peak_memory_gb"] > 0
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32", "ViT-L-14"])
+def test_matmul_patch_embedding_matches_cudnn_in_bf16(name):
+    """The patch embedding clip_fabric runs (a matmul) against open_clip's cuDNN convolution, whole towers
+    in bf16 on the GPU: equal up to bf16 rounding."""
+    import copy
+
+    import open_clip
+
+    from clip_fabric.model import MatmulPatchEmbedding
+
+    torch.manual_seed(0)
+    conv = open_clip.create_model(name).visual.eval().to("cuda", torch.bfloat16)
+    matmul = copy.deepcopy(conv)
+    matmul.conv1 = MatmulPatchEmbedding(matmul.conv1)
+    images = torch.randn(16, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        cos = torch.nn.functional.cosine_similarity(conv(images).float(), matmul(images).float())
+    assert cos.min() > 0.999
