@@ -167,3 +167,23 @@ def test_matmul_patch_embedding_matches_cudnn_in_bf16(name):
     with torch.inference_mode():
         cos = torch.nn.functional.cosine_similarity(conv(images).float(), matmul(images).float())
     assert cos.min() > 0.999
+
+
+def test_linear_gelu_epilogue_is_the_tanh_gelu_on_cuda():
+    """bf16-true's MLP layer: cuBLASLt's GELU epilogue computes what the CPU path computes, to bf16
+    rounding."""
+    from torch import nn
+
+    from clip_fabric.precision.fused_gelu import LinearGelu
+
+    torch.manual_seed(0)
+    linear = nn.Linear(1024, 4096).to("cuda", torch.bfloat16)
+    x = torch.randn(8, 257, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        got = LinearGelu(linear)(x).float()
+        tanh = torch.nn.functional.gelu(linear(x).float(), approximate="tanh")
+    assert got.shape == tanh.shape
+    # bf16 rounding of values up to ~|4| is 2^-7; the exact GELU differs from tanh by up to 4.7e-4.
+    torch.testing.assert_close(got, tanh, rtol=1e-2, atol=1e-2)
+    cos = torch.nn.functional.cosine_similarity(got.flatten(1), tanh.flatten(1))
+    assert cos.min() > 0.9999

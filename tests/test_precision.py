@@ -15,6 +15,7 @@ from clip_fabric import precision as prec
 from clip_fabric import verify_precision
 from clip_fabric.config import DataArgs, ModelArgs, ZeroShotArgs
 from clip_fabric.precision.fp32_parts import Fp32LayerNorm, Fp32Projection
+from clip_fabric.precision.fused_gelu import LinearGelu, fuse_mlp_gelu
 from clip_fabric.precision.plugins import Fp32NormsHalfPrecision, Fp32NormsMixedPrecision, Fp32Precision
 
 
@@ -97,10 +98,53 @@ def test_16_true_lowers_all_but_norms_and_projections(tiny_model):
     assert torch.isfinite(image).all() and torch.isfinite(text).all()
 
 
-def test_bf16_true_is_pure_bf16(tiny_model):
-    model = prec.build_precision("bf16-true", accelerator="cpu").convert_module(tiny_model)
+def test_bf16_true_is_pure_bf16_with_gelu_in_the_matmul(tiny_model):
+    images, texts = inputs()
+    with torch.inference_mode():
+        reference = embed(tiny_model, images, texts)
+    keys = tiny_model.state_dict().keys()
+    plugin = prec.build_precision("bf16-true", accelerator="cpu")
+    model = plugin.convert_module(tiny_model)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert not any(isinstance(m, (Fp32LayerNorm, Fp32Projection)) for m in model.modules())
+    mlps = [m for m in model.modules() if hasattr(m, "c_fc")]
+    assert len(mlps) == 4  # two vision blocks, two text blocks
+    assert all(isinstance(m.c_fc, LinearGelu) and isinstance(m.gelu, nn.Identity) for m in mlps)
+    assert model.state_dict().keys() == keys
+    with torch.inference_mode(), plugin.forward_context():
+        got = embed(model, plugin.convert_input(images), texts)
+    for ref, out in zip(reference, got, strict=True):
+        assert (ref * out).sum(-1).min() > 0.999  # bf16 rounding; the tanh GELU adds less than that
+
+
+@pytest.mark.parametrize("name", ["16-true", "16-mixed", "bf16-mixed", "32-true"])
+def test_other_precisions_keep_the_exact_gelu(tiny_model, name):
+    model = prec.build_precision(name, accelerator="cpu").convert_module(tiny_model)
+    assert not any(isinstance(m, LinearGelu) for m in model.modules())
+    assert any(type(m) is nn.GELU for m in model.modules())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_gelu_computes_the_tanh_gelu_off_cuda(bias):
+    """The unfused path: what CPU runs (torch's CPU ``_addmm_activation`` would compute the exact GELU);
+    the CUDA epilogue is held to the same function in tests/test_gpu.py."""
+    torch.manual_seed(0)
+    linear = nn.Linear(24, 96, bias=bias)
+    x = torch.randn(2, 5, 24)
+    fused = LinearGelu(linear)
+    assert fused.weight is linear.weight and fused.bias is linear.bias
+    got = fused(x)
+    torch.testing.assert_close(got, F.gelu(linear(x), approximate="tanh"), rtol=0, atol=0)
+    exact = F.gelu(linear(x))
+    assert 0 < got.sub(exact).abs().max() < 4.8e-4  # the tanh approximation's largest error is 4.7e-4
+
+
+def test_quick_gelu_mlps_are_not_fused():
+    from open_clip.transformer import QuickGELU, ResidualAttentionBlock
+
+    block = ResidualAttentionBlock(32, 2, act_layer=QuickGELU)
+    assert fuse_mlp_gelu(block) == []
+    assert type(block.mlp.c_fc) is nn.Linear and isinstance(block.mlp.gelu, QuickGELU)
 
 
 def test_tf32_switch_is_scoped():

@@ -13,6 +13,7 @@ from torch import nn
 from typing_extensions import override
 
 from clip_fabric.precision.fp32_parts import FP32_TYPES, keep_fp32, to_dtype_except
+from clip_fabric.precision.fused_gelu import fuse_mlp_gelu
 
 
 @contextmanager
@@ -65,7 +66,8 @@ class Fp32NormsMixedPrecision(MixedPrecision):
 
 class Fp32NormsHalfPrecision(HalfPrecision):
     """``16-true``/``bf16-true`` whose norms and final projections stay float32 (``fp32_norms``), or
-    everything in half precision (``fp32_norms=False``, Fabric's own behaviour)."""
+    everything in half precision (``fp32_norms=False``, Fabric's own behaviour). In ``bf16-true`` the
+    MLPs' GELU runs in their first matmul (``fused_gelu``)."""
 
     def __init__(
         self, precision: Literal["16-true", "bf16-true"], fp32_norms: bool = True, tf32: bool = False
@@ -76,10 +78,14 @@ class Fp32NormsHalfPrecision(HalfPrecision):
 
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
-        if not self.fp32_norms:
-            return super().convert_module(module)
-        keep_fp32(module)
-        return to_dtype_except(module, self._desired_input_dtype, FP32_TYPES)
+        if self.fp32_norms:
+            keep_fp32(module)
+            to_dtype_except(module, self._desired_input_dtype, FP32_TYPES)
+        else:
+            module = super().convert_module(module)
+        if self._desired_input_dtype == torch.bfloat16:
+            fuse_mlp_gelu(module)
+        return module
 
     @override
     def forward_context(self) -> AbstractContextManager:
