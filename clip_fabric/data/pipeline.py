@@ -25,13 +25,36 @@ log = logging.getLogger(__name__)
 # Room kept per sample for what the GPU decoder holds besides the model's activations: the decoded
 # image and its float copy for photos up to about 1 megapixel, and the batches in flight.
 GPU_DECODE_BYTES_PER_SAMPLE = 16 * 1024 * 1024
+# Measured on one H100 with 16 cores (docs/benchmarks.md, 2026-11-26): the ``cpu`` path decoded about
+# 255 web-size (500x375) JPEGs per second per DataLoader worker, and ViT towers ran at about 400 TFLOP/s
+# in bf16 (ViT-B-32 392, ViT-L-14 461).
+CPU_DECODE_IMAGES_PER_WORKER = 255
+HOPPER_TOWER_FLOPS = 400e12
 
 
-def resolve_decode(decode: str, device: torch.device, preprocess: Callable) -> str:
+def vision_flops(model: nn.Module | None) -> float | None:
+    """Matmul FLOPs per image of an open_clip ViT image tower, 2 x parameters x tokens (attention adds a
+    few percent): ViT-B-32 8.8 GFLOP, ViT-L-14 156; None for other towers."""
+    visual = getattr(model, "visual", None)
+    grid = getattr(visual, "grid_size", None)
+    if grid is None:
+        return None
+    return 2.0 * sum(p.numel() for p in visual.parameters()) * (grid[0] * grid[1] + 1)
+
+
+def resolve_decode(
+    decode: str,
+    device: torch.device,
+    preprocess: Callable,
+    model: nn.Module | None = None,
+    num_workers: int = 0,
+) -> str:
     """The decode path that runs. ``auto`` is the fastest path measured within 1e-5 cosine distance of
-    open_clip's own preprocess (docs/benchmarks.md): ``gpu`` (3e-6) on the GPUs it was measured on,
-    Hopper (H100, H200: 2.3x the ``cpu`` path), whose hardware JPEG decoder torchvision uses; ``cpu``
-    (2e-7) everywhere else."""
+    open_clip's own preprocess (docs/benchmarks.md): ``cpu`` (2e-7) except on the GPUs ``gpu`` (3e-6)
+    was measured on, Hopper (H100, H200), whose hardware JPEG decoder torchvision uses. There ``gpu``
+    feeds a small tower 3x faster than ``cpu``, but its decoding takes GPU time from the tower; where the
+    ``num_workers`` DataLoader workers decode on the CPU faster than the tower encodes (ViT-L-14 with 16
+    workers: 96% of model only on ``cpu``, 88% on ``gpu``), ``cpu`` is the faster path."""
     if decode == "gpu":
         if device.type != "cuda":
             raise ValueError(f"--data.decode gpu needs a CUDA device, this rank has {device}; use cpu")
@@ -42,7 +65,12 @@ def resolve_decode(decode: str, device: torch.device, preprocess: Callable) -> s
         return "pil"
     if decode == "auto":
         measured = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
-        return "gpu" if measured and gpu_decode_available(device) else "cpu"
+        if not (measured and gpu_decode_available(device)):
+            return "cpu"
+        flops = vision_flops(model)
+        if flops and HOPPER_TOWER_FLOPS / flops <= CPU_DECODE_IMAGES_PER_WORKER * num_workers:
+            return "cpu"
+        return "gpu"
     return decode
 
 
