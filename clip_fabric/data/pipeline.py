@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 # Room kept per sample for what the GPU decoder holds besides the model's activations: the decoded
 # image and its float copy for photos up to about 1 megapixel, and the batches in flight.
 GPU_DECODE_BYTES_PER_SAMPLE = 16 * 1024 * 1024
-# Measured on one H100 with 16 cores (docs/benchmarks.md, 2026-11-26): the ``cpu`` path decoded about
+# Measured on one H100 with 16 cores (docs/benchmarks.md, 2026-11-25): the ``cpu`` path decoded about
 # 255 web-size (500x375) JPEGs per second per DataLoader worker, and ViT towers ran at about 400 TFLOP/s
 # in bf16 (ViT-B-32 392, ViT-L-14 461).
 CPU_DECODE_IMAGES_PER_WORKER = 255

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Issue 5, 2026-11-26 first call: the patch-embedding A/B (probe.py), then the benchmark of ViT-B-32 and
+# Issue 5, 2026-11-25, first call of the night session: the patch-embedding A/B (probe.py), then the benchmark of ViT-B-32 and
 # ViT-L-14 on the current code (matmul patch embedding, gpu decode), naive loop in the same run.
 # From the repository root: bash THIS_FILE OUT_DIR
 set -u
 OUT=${1:?usage: run.sh OUT_DIR}
-D=docs/measurements/2026-11-26-h100-patch-embed
+D=docs/measurements/2026-11-25-h100-matmul
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
 LOG=$OUT/log1.txt
 W=/tmp/bench

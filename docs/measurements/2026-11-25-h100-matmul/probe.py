@@ -4,7 +4,7 @@ ViT-L-14 also the MLP's GELU fused into its first matmul (cuBLASLt epilogue, tan
 probe; embedding cosines between the variants and against a float32 reference; a torch.profiler table
 of each model as clip_fabric runs it.
 
-    HF_HUB_OFFLINE=1 python docs/measurements/2026-11-26-h100-patch-embed/probe.py
+    HF_HUB_OFFLINE=1 python docs/measurements/2026-11-25-h100-matmul/probe.py
 """
 
 from __future__ import annotations

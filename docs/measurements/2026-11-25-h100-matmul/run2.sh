@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5, 2026-11-26 second call: the GPU tests, then the benchmark with the MLP's GELU in cuBLASLt's
+# Issue 5, 2026-11-25, second call of the night session: the GPU tests, then the benchmark with the MLP's GELU in cuBLASLt's
 # epilogue (bf16-true), ViT-B-32 and ViT-L-14, 500x375, gpu and cpu decode, naive loop, in one run.
 # From the repository root: bash THIS_FILE OUT_DIR
 set -u

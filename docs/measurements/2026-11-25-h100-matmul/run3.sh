@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5, 2026-11-26 third call: the reported run. docs/benchmarks.md's command (both models, both image
+# Issue 5, 2026-11-25, third call of the night session: the reported run. docs/benchmarks.md's command (both models, both image
 # sizes, --data.decode auto as a user gets it, naive loop), then the GPU test of auto.
 # From the repository root: bash THIS_FILE OUT_DIR
 set -u

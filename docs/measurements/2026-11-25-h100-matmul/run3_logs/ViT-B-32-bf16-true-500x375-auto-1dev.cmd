@@ -1,0 +1,1 @@
+/opt/torch/.venv/bin/python3 -m clip_fabric predict --data.format webdataset --data.source /tmp/bench/shards/500x375-s1042-q90-v1/{000000..000095}.tar --output.dir /tmp/bench/out/ViT-B-32-bf16-true-500x375-auto-1dev --output.overwrite true --model.name ViT-B-32 --precision bf16-true --data.batch_size 1024 --data.num_workers 16 --accelerator auto --devices 1 --data.decode auto
