@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 
@@ -183,16 +185,20 @@ def test_preemption_signal_stops_cleanly_requeues_and_resumes(tmp_path, tiny_con
     ]  # fmt: skip
     env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SLURM_JOB_ID": "4242",
                         "PATH": f"{bin_dir}:{os.environ['PATH']}"}  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    stderr = _StreamReader(proc.stderr)
+    # The signal goes once rank 0 has handed 4 shards (32 rows) to the writer, by its progress bar. The
+    # done markers would be too late a cue: the writer's thread writes them behind the loop (the first
+    # parquet write imports pyarrow), and by the 4th marker the ranks may have computed every batch.
     deadline = time.monotonic() + 180
-    while (
-        len(list((out / "_done").glob("*.json"))) < 4 and time.monotonic() < deadline and proc.poll() is None
-    ):
-        time.sleep(0.05)
+    while stderr.rows_written() < 32 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGUSR1)  # SLURM signals every process of the job step
-    stdout, _ = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    stderr.join()
 
-    assert proc.returncode == 0
+    assert proc.returncode == 0, stderr.text()[-3000:]
     done = sorted(int(p.stem) for p in (out / "_done").glob("*.json"))
     assert 4 <= len(done) < 60
     written = sorted(int(p.stem.split("_")[-1]) for p in (out / "img_emb").glob("img_emb_*.npy"))
@@ -203,6 +209,26 @@ def test_preemption_signal_stops_cleanly_requeues_and_resumes(tmp_path, tiny_con
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert read_output(out)[1] == [f"{i:09d}" for i in range(480)]
+
+
+class _StreamReader(threading.Thread):
+    """Drains a child's pipe into memory as it comes, so the test can read it while the child runs."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(daemon=True)
+        self.stream, self.chunks = stream, []
+        self.start()
+
+    def run(self) -> None:
+        for chunk in iter(lambda: self.stream.read1(4096), b""):
+            self.chunks.append(chunk)
+
+    def text(self) -> str:
+        return b"".join(self.chunks).decode(errors="replace")
+
+    def rows_written(self) -> int:
+        """The highest count on rank 0's progress bar (``embedding N shards: M samples``)."""
+        return max((int(m) for m in re.findall(r"shards: (\d+) samples", self.text())), default=0)
 
 
 def _rank_pid(launcher_pid: int, rank: int) -> int | None:
