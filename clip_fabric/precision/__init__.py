@@ -66,5 +66,6 @@ def build_precision(name: str, tf32: bool = False, accelerator: str = "auto") ->
         return Fp32NormsHalfPrecision("16-true", fp32_norms=True, tf32=tf32)
     if name == "bf16-true":
         # Pure bf16, as Fabric's own: bf16 has float32's range, and pure half is the fast path.
-        return Fp32NormsHalfPrecision("bf16-true", fp32_norms=False, tf32=tf32)
+        # The MLP's GELU in its matmul: measured faster at the same distance to float32 (fused_gelu).
+        return Fp32NormsHalfPrecision("bf16-true", fp32_norms=False, tf32=tf32, gelu_epilogue=True)
     return build_fp8(capability, device_name, tf32)

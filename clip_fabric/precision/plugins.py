@@ -66,15 +66,20 @@ class Fp32NormsMixedPrecision(MixedPrecision):
 
 class Fp32NormsHalfPrecision(HalfPrecision):
     """``16-true``/``bf16-true`` whose norms and final projections stay float32 (``fp32_norms``), or
-    everything in half precision (``fp32_norms=False``, Fabric's own behaviour). In ``bf16-true`` the
-    MLPs' GELU runs in their first matmul (``fused_gelu``)."""
+    everything in half precision (``fp32_norms=False``, Fabric's own behaviour). With ``gelu_epilogue``
+    (``bf16-true``) the MLPs' GELU runs in their first matmul (``fused_gelu``)."""
 
     def __init__(
-        self, precision: Literal["16-true", "bf16-true"], fp32_norms: bool = True, tf32: bool = False
+        self,
+        precision: Literal["16-true", "bf16-true"],
+        fp32_norms: bool = True,
+        tf32: bool = False,
+        gelu_epilogue: bool = False,
     ) -> None:
         super().__init__(precision)
         self.fp32_norms = fp32_norms
         self.tf32 = tf32
+        self.gelu_epilogue = gelu_epilogue
 
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
@@ -83,7 +88,7 @@ class Fp32NormsHalfPrecision(HalfPrecision):
             to_dtype_except(module, self._desired_input_dtype, FP32_TYPES)
         else:
             module = super().convert_module(module)
-        if self._desired_input_dtype == torch.bfloat16:
+        if self.gelu_epilogue:
             fuse_mlp_gelu(module)
         return module
 
