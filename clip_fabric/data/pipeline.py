@@ -54,7 +54,9 @@ def resolve_decode(
     was measured on, Hopper (H100, H200), whose hardware JPEG decoder torchvision uses. There ``gpu``
     feeds a small tower 3x faster than ``cpu``, but its decoding takes GPU time from the tower; where the
     ``num_workers`` DataLoader workers decode on the CPU faster than the tower encodes (ViT-L-14 with 16
-    workers: 96% of model only on ``cpu``, 88% on ``gpu``), ``cpu`` is the faster path."""
+    workers: 96% of model only on ``cpu``, 88% on ``gpu``), ``cpu`` is the faster path. That holds for
+    long jobs: the workers take seconds to fill their first batches, so over a job of a few shards per
+    worker ``gpu`` finishes sooner."""
     if decode == "gpu":
         if device.type != "cuda":
             raise ValueError(f"--data.decode gpu needs a CUDA device, this rank has {device}; use cpu")
