@@ -136,7 +136,7 @@ def main(
     shards = source.shards()
     split = data_parallel(fabric.strategy, fabric.global_rank, fabric.world_size)
     mine = shards[split[0] :: split[1]] if split else []
-    decode = resolve_decode(data.decode, fabric.device, preprocess, model, data.num_workers)
+    decode = resolve_decode(data.decode, fabric.device, preprocess)
     batch_size = choose_batch_size(
         fabric, module, model, data, images=True, texts=task == "retrieval", decode=decode
     )

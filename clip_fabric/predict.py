@@ -174,9 +174,7 @@ def main(
         done = done_shards(out_dir)
         split = data_parallel(fabric.strategy, fabric.global_rank, fabric.world_size)
         mine = [s for s in shards[split[0] :: split[1]] if s.index not in done] if split else []
-        decode = "none"
-        if mode != "text":
-            decode = resolve_decode(data.decode, fabric.device, preprocess, model, data.num_workers)
+        decode = resolve_decode(data.decode, fabric.device, preprocess) if mode != "text" else "none"
         batch_size = choose_batch_size(
             fabric, encoder.module, model, data,
             images=mode != "text", texts=mode not in ("image", "zeroshot"), decode=decode,

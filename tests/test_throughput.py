@@ -10,7 +10,6 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from clip_fabric import encode
 from clip_fabric.config import DataArgs, ModelArgs, OutputArgs
@@ -306,34 +305,3 @@ def test_auto_decode_is_gpu_only_where_it_was_measured(monkeypatch):
         pipeline.resolve_decode("gpu", cuda, PREPROCESS)
     squash = open_clip.image_transform(224, is_train=False, resize_mode="squash")
     assert pipeline.resolve_decode("auto", cuda, squash) == "pil"
-
-
-def vit(parameters: int, grid: int) -> nn.Module:
-    """A stand-in for an open_clip ViT: its parameter count (on the meta device: no memory) and grid."""
-    model = nn.Module()
-    model.visual = nn.Module()
-    model.visual.weight = nn.Parameter(torch.empty(parameters, device="meta"))
-    model.visual.grid_size = (grid, grid)
-    return model
-
-
-def test_auto_decode_leaves_a_slow_tower_to_the_cpu_workers(monkeypatch):
-    """On Hopper, ``gpu`` decoding takes GPU time from the tower: where the workers decode on the CPU
-    faster than the tower encodes, ``auto`` is ``cpu`` (measured: ViT-L-14 with 16 workers)."""
-    from clip_fabric.data import pipeline
-
-    cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(pipeline, "gpu_decode_available", lambda device: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    b32, l14 = vit(87_849_216, 7), vit(303_966_208, 16)
-    assert pipeline.vision_flops(b32) == pytest.approx(8.8e9, rel=0.01)
-    assert pipeline.vision_flops(l14) == pytest.approx(156e9, rel=0.01)
-    assert pipeline.resolve_decode("auto", cuda, PREPROCESS, b32, num_workers=16) == "gpu"
-    assert pipeline.resolve_decode("auto", cuda, PREPROCESS, l14, num_workers=16) == "cpu"
-    # Too few workers to feed even ViT-L-14's 2,600 images/s: the GPU decodes.
-    assert pipeline.resolve_decode("auto", cuda, PREPROCESS, l14, num_workers=4) == "gpu"
-    # A tower of unknown cost (no ViT grid), and an explicit choice, are not second-guessed.
-    assert pipeline.resolve_decode("auto", cuda, PREPROCESS, nn.Linear(2, 2), num_workers=64) == "gpu"
-    assert pipeline.resolve_decode("gpu", cuda, PREPROCESS, l14, num_workers=16) == "gpu"
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert pipeline.resolve_decode("auto", cuda, PREPROCESS, b32, num_workers=16) == "cpu"

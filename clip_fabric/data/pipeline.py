@@ -25,38 +25,16 @@ log = logging.getLogger(__name__)
 # Room kept per sample for what the GPU decoder holds besides the model's activations: the decoded
 # image and its float copy for photos up to about 1 megapixel, and the batches in flight.
 GPU_DECODE_BYTES_PER_SAMPLE = 16 * 1024 * 1024
-# Measured on one H100 with 16 cores (docs/benchmarks.md, 2026-11-25): the ``cpu`` path decoded about
-# 255 web-size (500x375) JPEGs per second per DataLoader worker, and ViT towers ran at about 400 TFLOP/s
-# in bf16 (ViT-B-32 392, ViT-L-14 461).
-CPU_DECODE_IMAGES_PER_WORKER = 255
-HOPPER_TOWER_FLOPS = 400e12
 
 
-def vision_flops(model: nn.Module | None) -> float | None:
-    """Matmul FLOPs per image of an open_clip ViT image tower, 2 x parameters x tokens (attention adds a
-    few percent): ViT-B-32 8.8 GFLOP, ViT-L-14 156; None for other towers."""
-    visual = getattr(model, "visual", None)
-    grid = getattr(visual, "grid_size", None)
-    if grid is None:
-        return None
-    return 2.0 * sum(p.numel() for p in visual.parameters()) * (grid[0] * grid[1] + 1)
-
-
-def resolve_decode(
-    decode: str,
-    device: torch.device,
-    preprocess: Callable,
-    model: nn.Module | None = None,
-    num_workers: int = 0,
-) -> str:
+def resolve_decode(decode: str, device: torch.device, preprocess: Callable) -> str:
     """The decode path that runs. ``auto`` is the fastest path measured within 1e-5 cosine distance of
-    open_clip's own preprocess (docs/benchmarks.md): ``cpu`` (2e-7) except on the GPUs ``gpu`` (3e-6)
-    was measured on, Hopper (H100, H200), whose hardware JPEG decoder torchvision uses. There ``gpu``
-    feeds a small tower 3x faster than ``cpu``, but its decoding takes GPU time from the tower; where the
-    ``num_workers`` DataLoader workers decode on the CPU faster than the tower encodes (ViT-L-14 with 16
-    workers: 96% of model only on ``cpu``, 88% on ``gpu``), ``cpu`` is the faster path. That holds for
-    long jobs: the workers take seconds to fill their first batches, so over a job of a few shards per
-    worker ``gpu`` finishes sooner."""
+    open_clip's own preprocess (docs/benchmarks.md): ``gpu`` (3e-6) on the GPUs it was measured on,
+    Hopper (H100, H200: 3x the ``cpu`` path for ViT-B-32), whose hardware JPEG decoder torchvision uses;
+    ``cpu`` (2e-7) everywhere else. For a slow tower (ViT-L-14) on one GPU with 16 workers, ``cpu`` was
+    8% faster in steady state, but slower to start, and on two GPUs with 32 workers each it scaled to
+    only 67% of linear. ``gpu`` costs such a tower a bounded 7% of its GPU time and scaled to four GPUs
+    with ViT-B-32, so ``auto`` keeps it; ``--data.decode cpu`` is there to try for a slow tower."""
     if decode == "gpu":
         if device.type != "cuda":
             raise ValueError(f"--data.decode gpu needs a CUDA device, this rank has {device}; use cpu")
@@ -67,12 +45,7 @@ def resolve_decode(
         return "pil"
     if decode == "auto":
         measured = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
-        if not (measured and gpu_decode_available(device)):
-            return "cpu"
-        flops = vision_flops(model)
-        if flops and HOPPER_TOWER_FLOPS / flops <= CPU_DECODE_IMAGES_PER_WORKER * num_workers:
-            return "cpu"
-        return "gpu"
+        return "gpu" if measured and gpu_decode_available(device) else "cpu"
     return decode
 
 
