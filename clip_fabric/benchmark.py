@@ -5,7 +5,7 @@ The command itself only orchestrates; it never touches a GPU. Each measurement r
 so that one run cannot leave memory, threads or a CUDA context behind for the next:
 
 - model only: ``python -m clip_fabric.benchmark model-only`` (this module's ``_model_only``): synthetic
-  tensors already on the device through predict's own ``Encoder`` under each precision plugin, timed as
+  tensors already on the device through predict's own ``Embedder`` under each precision plugin, timed as
   ``verify-precision`` times it (best of two passes after a warm-up).
 - end to end: ``python -m clip_fabric predict`` on webdataset shards of generated JPEGs, exactly as a
   user runs it; its ``summary.json`` gives the throughput it measured itself.
@@ -939,7 +939,7 @@ def draw_chart(report: dict, path: Path) -> None:
 
 
 def _model_only(request: dict) -> dict:
-    """Model-only images/s per model and precision: predict's ``Encoder`` under each precision plugin, on
+    """Model-only images/s per model and precision: predict's ``Embedder`` under each precision plugin, on
     one batch of random tensors already on the device, timed like ``verify-precision`` (warm-up, then the
     faster of two passes of about ``seconds`` each)."""
     import copy
@@ -990,7 +990,7 @@ def _time_model(clip, prec: str, request: dict, hw: tuple[int, int]) -> dict:
     import torch
     from lightning.fabric import Fabric
 
-    from clip_fabric.model import Encoder
+    from clip_fabric.model import Embedder
     from clip_fabric.precision import build_precision
     from clip_fabric.verify_precision import _timed as timed
 
@@ -999,7 +999,7 @@ def _time_model(clip, prec: str, request: dict, hw: tuple[int, int]) -> dict:
         devices=1,
         plugins=build_precision(prec, request["tf32"], request["accelerator"]),
     )
-    encoder = fabric.setup_module(Encoder(clip, frozenset({"image"})))
+    encoder = fabric.setup_module(Embedder(clip, frozenset({"image"})))
     cuda = fabric.device.type == "cuda"
     batch = fabric.to_device(torch.randn(request["batch_size"], 3, *hw))
     input_bytes = batch.numel() * batch.element_size()

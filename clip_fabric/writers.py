@@ -22,6 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clip_fabric.modes import Finished
+
 EMBEDDING_DIRS = {"image": "img_emb", "text": "text_emb"}
 DONE_DIR = "_done"
 
@@ -55,56 +57,30 @@ class ShardWriter:
         out_dir: str | os.PathLike,
         num_shards: int,
         dtype: str = "float16",
-        threshold: float | None = None,
         enabled: bool = True,
-        class_names: list[str] | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.enabled = enabled  # a rank whose group-mate writes the same rows keeps only the bookkeeping
         self.num_shards = num_shards
         self.dtype = np.dtype(dtype)
-        self.threshold = threshold
-        self.class_names = class_names
         for sub in (*EMBEDDING_DIRS.values(), "metadata", "errors", DONE_DIR):
             (self.out_dir / sub).mkdir(parents=True, exist_ok=True)
         self._open: dict[int, _ShardRows] = defaultdict(_ShardRows)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self._writes: list[Future] = []
 
-    def add(self, shard: int, source: str, rows: list[dict], errors: list[dict], outputs: dict, last: bool):
-        """Add one batch to its shard: its rows, errors and encoder outputs (``image``/``text`` embedding
-        arrays; ``similarity`` per pair, written as a metadata column and filtered by ``threshold``)."""
+    def add(self, shard: int, source: str, finished: Finished, errors: list[dict], last: bool) -> None:
+        """Add one batch to its shard: its finished rows and embeddings (``clip_fabric.modes``) and the
+        errors of its samples; the shard is written when its ``last`` batch arrives."""
         buffer = self._open[shard]
-        keep = None
-        if "similarity" in outputs:
-            scores = outputs["similarity"]
-            rows = [row | {"similarity": float(score)} for row, score in zip(rows, scores, strict=True)]
-            if self.threshold is not None:
-                keep = scores >= self.threshold
-                buffer.filtered += int((~keep).sum())
-                rows = [row for row, kept in zip(rows, keep, strict=True) if kept]
-        if "topk" in outputs:
-            rows = [
-                row | self._labels(index, probs)
-                for row, index, probs in zip(rows, outputs["topk"], outputs["topk_probs"], strict=True)
-            ]
-        buffer.rows.extend(rows)
+        buffer.rows.extend(finished.rows)
         buffer.errors.extend(errors)
-        for tower in EMBEDDING_DIRS.keys() & outputs.keys():
-            array = outputs[tower] if keep is None else outputs[tower][keep]
+        buffer.filtered += finished.filtered
+        for tower, array in finished.embeddings.items():
             buffer.embeddings[tower].append(array.astype(self.dtype, copy=False))
         if last:
             self._writes.append(self._pool.submit(self._write, shard, source, self._open.pop(shard)))
             self._raise_failed()
-
-    def _labels(self, index: np.ndarray, probs: np.ndarray) -> dict:
-        names = [self.class_names[i] for i in index]
-        return {
-            "label": names[0],
-            "probability": float(probs[0]),
-            "topk_labels": names,
-            "topk_probs": probs.tolist(),
-        }
 
     @property
     def open_shards(self) -> set[int]:
