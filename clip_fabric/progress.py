@@ -22,7 +22,12 @@ class Progress:
         self._store = _shared_store()
         self._unreported, self._last_report = 0, time.perf_counter()
         self._bar = tqdm(
-            desc="embedding", total=total, unit=f" {unit}", smoothing=0.1, dynamic_ncols=True, disable=rank != 0
+            desc="embedding",
+            total=total,
+            unit=f" {unit}",
+            smoothing=0.1,
+            dynamic_ncols=True,
+            disable=rank != 0,
         )
 
     def add(self, rows: int, errors: int, filtered: int, latency: float) -> None:
