@@ -13,32 +13,31 @@ import pytest
 from conftest import read_output
 from PIL import Image
 
-from clip_fabric import benchmark
 from clip_fabric.__main__ import main
+from clip_fabric.benchmark import shards
 
 
 def test_shards_are_a_multiple_of_the_workers_and_about_a_thousand_images():
-    assert benchmark.shard_layout(100_000, None, 16) == (96, 1042)
-    assert benchmark.shard_layout(20_000, None, 16) == (16, 1250)
-    assert benchmark.shard_layout(24, None, 2) == (2, 12)
-    assert benchmark.shard_layout(24, 5, 2) == (5, 5)
+    assert shards.shard_layout(100_000, None, 16) == (96, 1042)
+    assert shards.shard_layout(20_000, None, 16) == (16, 1250)
+    assert shards.shard_layout(24, None, 2) == (2, 12)
+    assert shards.shard_layout(24, 5, 2) == (5, 5)
 
 
 def test_generated_jpegs_are_photo_sized_and_cached(tmp_path):
-    sizes = [len(benchmark.synthetic_photo(i, (500, 375))) for i in range(4)]
+    sizes = [len(shards.synthetic_photo(i, (500, 375))) for i in range(4)]
     assert all(55_000 < s < 95_000 for s in sizes), sizes
-    assert len(benchmark.synthetic_photo(0, (1024, 768))) in range(230_000, 370_000)
-    assert benchmark.synthetic_photo(3, (500, 375)) == benchmark.synthetic_photo(3, (500, 375))
+    assert len(shards.synthetic_photo(0, (1024, 768))) in range(230_000, 370_000)
+    assert shards.synthetic_photo(3, (500, 375)) == shards.synthetic_photo(3, (500, 375))
 
-    opts = {"shard_size": 3, "num_workers": 1, "devices": [1]}
-    first = benchmark._make_dataset(tmp_path, (40, 30), 7, opts)
+    first = shards.make_dataset(tmp_path, (40, 30), 7, shard_size=3, workers=1)
     assert (first["shards"], first["images"], first["generated_shards"]) == (3, 9, 3)
     with tarfile.open(Path(first["dir"]) / "000001.tar") as tar:
         names = tar.getnames()
         image = Image.open(io.BytesIO(tar.extractfile("000000003.jpg").read()))
     assert names == [f"00000000{i}.{ext}" for i in (3, 4, 5) for ext in ("jpg", "txt")]
     assert image.size == (40, 30)
-    assert benchmark._make_dataset(tmp_path, (40, 30), 7, opts)["generated_shards"] == 0  # reused
+    assert shards.make_dataset(tmp_path, (40, 30), 7, 3, 1)["generated_shards"] == 0  # reused
 
 
 @pytest.mark.parametrize(
