@@ -167,14 +167,24 @@ def _images(data: dict, shards: int | None) -> int:
     return data["images"] if shards is None else shards * data["shard_size"]
 
 
+def _place(data: dict) -> str:
+    """A data set in the labels of runs (their logs and output folders)."""
+    return data["image_size"] if data["input"] == "webdataset" else f"folder-{data['image_size']}"
+
+
+def _too_many(args: BenchmarkArgs, devices: int, gpu_count: int) -> str | None:
+    if args.accelerator != "cpu" and gpu_count and devices > gpu_count:
+        return f"{devices} devices asked, {gpu_count} GPU(s) here"
+    return None
+
+
 def run_end_to_end(
     args: BenchmarkArgs, name: str, prec: str, data: dict, decode_mode: str | None, devices: int,
     model_rate: float | None, gpu_count: int,
 ) -> dict:  # fmt: skip
     """One tuned ``predict`` run."""
     shards = shards_to_read(args, data, model_rate, devices)
-    where = data["image_size"] if data["input"] == "webdataset" else f"folder-{data['image_size']}"
-    label = f"{name}-{prec}-{where}-{decode_mode or 'default'}-{devices}dev"
+    label = f"{name}-{prec}-{_place(data)}-{decode_mode or 'default'}-{devices}dev"
     out_dir = args.work / "out" / label
     row: dict[str, Any] = {
         "model": name,
@@ -189,8 +199,8 @@ def run_end_to_end(
         "shards": shards if shards is not None else data["shards"],
         "output_dir": str(out_dir),
     }
-    if args.accelerator != "cpu" and gpu_count and devices > gpu_count:
-        return row | {"images_per_s": None, "error": f"{devices} devices asked, {gpu_count} GPU(s) here"}
+    if error := _too_many(args, devices, gpu_count):
+        return row | {"images_per_s": None, "error": error}
     options = tuned_options(args, name, prec, data, shards, out_dir, decode_mode, devices)
     return _checked(row | _run_predict(args, label, options, out_dir, devices))
 
@@ -200,12 +210,10 @@ def run_defaults(
 ) -> dict:
     """``predict`` with its defaults, on the images of the tuned run ``tuned`` (the best one) where
     there is one; its ratio to that run is added with the report's other ratios."""
-    if tuned is not None and tuned.get("images_per_s"):
-        shards = tuned["shards"] if data["input"] == "webdataset" else None
-    else:
-        shards = shards_to_read(args, data, None, devices)
-    where = data["image_size"] if data["input"] == "webdataset" else f"folder-{data['image_size']}"
-    label = f"{name}-defaults-{where}-{devices}dev"
+    # The tuned run's images, so that both rates are of the same work (all the shards without one).
+    tuned_shards = tuned is not None and data["input"] == "webdataset"
+    shards = tuned["shards"] if tuned_shards else shards_to_read(args, data, None, devices)
+    label = f"{name}-defaults-{_place(data)}-{devices}dev"
     out_dir = args.work / "out" / label
     row: dict[str, Any] = {
         "model": name,
@@ -214,11 +222,11 @@ def run_defaults(
         "image_size": data["image_size"],
         "devices": devices,
         "images": _images(data, shards),
-        "shards": shards if shards is not None else None,
+        "shards": shards,
         "output_dir": str(out_dir),
     }
-    if args.accelerator != "cpu" and gpu_count and devices > gpu_count:
-        return row | {"images_per_s": None, "error": f"{devices} devices asked, {gpu_count} GPU(s) here"}
+    if error := _too_many(args, devices, gpu_count):
+        return row | {"images_per_s": None, "error": error}
     options = default_options(args, name, data, shards, out_dir, devices)
     return _checked(row | _run_predict(args, label, options, out_dir, devices))
 
