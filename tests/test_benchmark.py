@@ -50,6 +50,7 @@ def test_generated_jpegs_are_photo_sized_and_cached(tmp_path):
         (["--decode", "jpeg"], "predict refuses the end-to-end options"),
         (["--predict_args", "--data.nope 1"], "predict refuses the end-to-end options"),
         (["--models", "[NotAModel-99]"], "unknown open_clip model 'NotAModel-99'"),
+        (["--folder_images", "-1"], "--folder_images must be >= 0"),
     ],
 )
 def test_bad_option_is_one_line_before_any_work(tmp_path, args, message):

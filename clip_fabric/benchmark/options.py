@@ -12,7 +12,7 @@ import math
 import os
 import shlex
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -166,8 +166,6 @@ name), ``--model.pretrained`` loads weights for every model measured."""
 
     def as_report(self) -> dict[str, Any]:
         """The options as resolved, under the report's ``options`` keys."""
-        from dataclasses import asdict
-
         return {
             "models": self.model_names,
             "precisions": self.precisions,

@@ -145,15 +145,20 @@ def _run_predict(args: BenchmarkArgs, label: str, options: list[str], out_dir: P
         "seconds": this.get("seconds"),
         "batch_size_used": this.get("batch_size"),
         "decode_used": this.get("decode"),
-        # What predict ran with, as its summary says (resolved values where it records them).
-        "precision_used": this.get("precision") or config.get("precision"),
-        "num_workers_used": this.get("num_workers") or config.get("data", {}).get("num_workers"),
-        "shard_size_used": config.get("data", {}).get("shard_size"),
+        # What predict ran with, as its summary says: the resolved value where it records one (this
+        # run's), else the option as given (its config), e.g. ``auto``.
+        "precision_used": _first(this.get("precision"), config.get("precision")),
+        "num_workers_used": _first(this.get("num_workers"), config.get("data", {}).get("num_workers")),
+        "shard_size_used": _first(this.get("shard_size"), config.get("data", {}).get("shard_size")),
         "batch_latency_ms": latency if isinstance(latency, dict) else None,
         "peak_memory_gb": this.get("peak_memory_gb"),
     } | {k: run[k] for k in ("gpu_util_mean", "gpu_util_active_mean", "wall_s", "log")}
     row["error"] = run["error"] or (None if summary else f"no summary.json in {out_dir}")
     return row
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
 
 
 def _checked(row: dict) -> dict:
