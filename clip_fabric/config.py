@@ -78,11 +78,14 @@ class DataArgs:
     cpu_decode_share: float = 0.0
     """With ``gpu`` decoding: the share of JPEGs the DataLoader workers decode anyway, so that idle CPU
     cores add to the GPU decoder when it is the bottleneck (which JPEGs is fixed by their position)."""
-    num_workers: int = 4
-    """DataLoader worker processes per rank that read and decode samples."""
-    shard_size: int = 10_000
+    num_workers: int | Literal["auto"] = "auto"
+    """DataLoader worker processes per rank that read and decode samples, or ``auto``: the CPUs the rank
+    may use less one (``SLURM_CPUS_PER_TASK``, else the process's CPU affinity shared among the ranks of
+    the node), at most 32."""
+    shard_size: int | Literal["auto"] = "auto"
     """Samples per input shard for ``folder``, ``files`` and ``synthetic``: the unit of work split across
-    ranks, written as one output file and skipped on resume once complete."""
+    ranks and workers, written as one output file and skipped on resume once complete. ``auto``: about
+    1,024 shards, each of 1,024 to 10,000 samples, by the number of samples alone."""
     image_column: str | None = None
     """File-list column with the image path or URL (default: the first of image_path, path, filepath,
     url, image)."""
@@ -99,9 +102,9 @@ class DataArgs:
     def __post_init__(self) -> None:
         if self.batch_size != "auto" and self.batch_size < 1:
             raise ValueError(f"--data.batch_size must be >= 1, got {self.batch_size}")
-        if self.num_workers < 0:
-            raise ValueError(f"--data.num_workers must be >= 0, got {self.num_workers}")
-        if self.shard_size < 1:
+        if self.num_workers != "auto" and self.num_workers < 0:
+            raise ValueError(f"--data.num_workers must be >= 0 or auto, got {self.num_workers}")
+        if self.shard_size != "auto" and self.shard_size < 1:
             raise ValueError(f"--data.shard_size must be >= 1, got {self.shard_size}")
         if self.max_image_pixels is not None and self.max_image_pixels < 1:
             raise ValueError(f"--data.max_image_pixels must be >= 1 or null, got {self.max_image_pixels}")

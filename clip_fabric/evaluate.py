@@ -133,7 +133,8 @@ def main(
     batch_size = choose_batch_size(fabric, module, model, data, mode.towers, decode)
     encoder = ChunkedEmbedder(module, batch_size)
     loader = device_batches(
-        source, mine, preprocess, tokenizer, data, batch_size, fabric.device, decode, mode
+        source, mine, preprocess, tokenizer, data, batch_size, fabric.device, decode, mode,
+        fabric.world_size // config["num_nodes"],
     )  # fmt: skip
     # Ranks of one tensor-parallel group see the same batches: only the first one counts them.
     counts = strategy.writes

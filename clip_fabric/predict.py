@@ -19,6 +19,7 @@ from lightning.fabric import Fabric
 from clip_fabric.config import DataArgs, ModelArgs, OutputArgs, ZeroShotArgs
 from clip_fabric.data import Shard, Source, build_source
 from clip_fabric.data.pipeline import choose_batch_size, device_batches, resolve_decode
+from clip_fabric.data.sizing import resolve_num_workers
 from clip_fabric.encode import DEFAULT_BATCH_SIZE, ChunkedEmbedder, encode_in_order
 from clip_fabric.launch import build_fabric, launch_docs
 from clip_fabric.model import Embedder, check_model, load_model
@@ -139,6 +140,8 @@ def main(fabric: Fabric, job: Job) -> dict:
         model, preprocess, tokenizer = load_model(job.model)
         embedder, class_names = _build_embedder(fabric, job, model, tokenizer)
         shards, mine, left = _shards(job.source, out_dir, strategy, fabric)
+        local_ranks = fabric.world_size // job.run["config"]["num_nodes"]
+        _warn_idle_workers(fabric, job, shards, resolve_num_workers(job.data.num_workers, local_ranks))
         decode = (
             resolve_decode(job.data.decode, fabric.device, preprocess) if job.mode.reads_images else "none"
         )
@@ -147,7 +150,7 @@ def main(fabric: Fabric, job: Job) -> dict:
         )
         batches = device_batches(
             job.source, mine, preprocess, tokenizer, job.data, embedder.max_batch, fabric.device, decode,
-            job.mode,
+            job.mode, local_ranks,
         )  # fmt: skip
         writer = ShardWriter(out_dir, len(shards), job.output.dtype, enabled=strategy.writes)
         progress = Progress(fabric.global_rank, left, "samples", strategy.writes)
@@ -195,6 +198,19 @@ def _shards(
     mine = [s for s in shards[split[0] :: split[1]] if s.index not in done] if split else []
     counted = all(s.stop > s.start for s in todo)
     return shards, mine, sum(s.stop - s.start for s in todo) if counted else None
+
+
+def _warn_idle_workers(fabric: Fabric, job: Job, shards: list[Shard], workers: int) -> None:
+    """Tar shards are read whole by one worker each: fewer tars than workers leaves workers idle."""
+    if (
+        fabric.global_rank == 0
+        and job.data.format == "webdataset"
+        and len(shards) < workers * fabric.world_size
+    ):
+        fabric.print(
+            f"clip_fabric: {len(shards)} tar shards for {workers} workers x {fabric.world_size} ranks: each "
+            "tar is read by one worker, so some stay idle; write more, smaller tars for full speed"
+        )
 
 
 def _finish(

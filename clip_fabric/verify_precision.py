@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from clip_fabric.config import DataArgs, ModelArgs, ZeroShotArgs
 from clip_fabric.data import build_source
 from clip_fabric.data.decode import CpuDecoder
+from clip_fabric.data.sizing import resolve_num_workers
 from clip_fabric.data.stream import ShardStream
 from clip_fabric.launch import build_fabric
 from clip_fabric.model import Embedder, check_model, load_model
@@ -126,7 +127,8 @@ def _decode_inputs(data: DataArgs, preprocess: Callable, tokenizer: Callable) ->
     stream = ShardStream(
         source, shards, CpuDecoder(preprocess, tokenizer, data.max_image_pixels), data.batch_size, True, True
     )
-    loader = DataLoader(stream, batch_size=None, num_workers=min(data.num_workers, len(shards)))
+    workers = min(resolve_num_workers(data.num_workers), len(shards))
+    loader = DataLoader(stream, batch_size=None, num_workers=workers)
     images, texts = [], []
     for batch in loader:
         if batch.images is not None:

@@ -175,9 +175,9 @@ def test_tf32_switch_is_scoped():
         ((6, 0), "Tesla P100-PCIE-16GB", "32-true", False),
         ((7, 0), "Tesla V100-SXM2-32GB", "16-mixed", False),
         ((7, 5), "Tesla T4", "16-mixed", False),
-        ((8, 0), "NVIDIA A100-SXM4-80GB", "bf16-mixed", True),
-        ((8, 9), "NVIDIA L4", "bf16-mixed", True),
-        ((9, 0), "NVIDIA H100 80GB HBM3", "bf16-mixed", True),
+        ((8, 0), "NVIDIA A100-SXM4-80GB", "bf16-true", True),
+        ((8, 9), "NVIDIA L4", "bf16-true", True),
+        ((9, 0), "NVIDIA H100 80GB HBM3", "bf16-true", True),
     ],
 )
 def test_auto_per_architecture(capability, name, expected, tf32):
@@ -193,9 +193,9 @@ def test_auto_builds_from_the_device(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-80GB")
     plugin = prec.build_precision("auto")
-    assert isinstance(plugin, Fp32NormsMixedPrecision)
-    assert (plugin.precision, plugin.device, plugin.tf32) == ("bf16-mixed", "cuda", True)
-    assert "auto chose bf16-mixed + TF32" in capsys.readouterr().out
+    assert isinstance(plugin, Fp32NormsHalfPrecision)
+    assert (plugin.precision, plugin.tf32) == ("bf16-true", True)
+    assert "auto chose bf16-true + TF32" in capsys.readouterr().out
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
     assert prec.build_precision("auto").precision == "16-mixed"
 

@@ -57,6 +57,11 @@ def build_source(args: DataArgs, text_only: bool = False) -> Source:
     return sources[args.format].from_args(args, text_only)
 
 
-def chunk(count: int, size: int, name: str) -> list[Shard]:
-    """Split ``count`` listed samples into shards of ``size`` (the last may be shorter)."""
+def chunk(count: int, size: int | str, name: str) -> list[Shard]:
+    """Split ``count`` listed samples into shards of ``size`` (the last may be shorter); ``auto`` sizes
+    them by the count (``sizing.auto_shard_size``)."""
+    if size == "auto":
+        from clip_fabric.data.sizing import auto_shard_size
+
+        size = auto_shard_size(count)
     return [Shard(i, name, start, min(start + size, count)) for i, start in enumerate(range(0, count, size))]

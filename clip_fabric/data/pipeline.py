@@ -23,6 +23,7 @@ from clip_fabric.data import Shard, Source
 from clip_fabric.data.batch import Batch
 from clip_fabric.data.decode import CpuDecoder, ImageSpec
 from clip_fabric.data.device_decode import DeviceImageDecoder, gpu_decode_available
+from clip_fabric.data.sizing import resolve_num_workers
 from clip_fabric.data.stream import ShardStream
 from clip_fabric.encode import DEFAULT_BATCH_SIZE, auto_batch_size
 from clip_fabric.modes import Mode
@@ -104,9 +105,10 @@ def device_batches(
     device: torch.device,
     decode: str,
     mode: Mode,
+    local_ranks: int = 1,
 ) -> Iterator[Batch]:
     """Batches of ``shards`` with ``images``/``texts`` on ``device`` as ``mode`` needs them; ``decode`` as
-    resolved."""
+    resolved; ``local_ranks`` share the node's CPUs for ``--data.num_workers auto``."""
     # DCT scaling only where asked for, and never beside the GPU decoder (both keep 1e-5 without it).
     cpu = CpuDecoder(
         preprocess, tokenizer, data.max_image_pixels, mode="pil" if decode == "pil" else "cpu",
@@ -117,7 +119,8 @@ def device_batches(
         source, shards, cpu, batch_size, mode.reads_images, mode.caption_required, gpu_jpeg=gpu,
         cpu_share=data.cpu_decode_share,
     )  # fmt: skip
-    workers = min(data.num_workers, len(shards))  # a worker reads whole shards: no more than there are
+    # A worker reads whole shards: no more workers than there are.
+    workers = min(resolve_num_workers(data.num_workers, local_ranks), len(shards))
     loader = DataLoader(
         stream,
         batch_size=None,
