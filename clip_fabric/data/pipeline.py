@@ -19,7 +19,7 @@ from clip_fabric.data.gpu import DeviceImageDecoder, gpu_decode_available
 from clip_fabric.data.prefetch import device_stage
 from clip_fabric.data.stream import ShardStream
 from clip_fabric.encode import DEFAULT_BATCH_SIZE, auto_batch_size
-from clip_fabric.preemption import ignore_stop_signals
+from clip_fabric.preemption import worker_shield
 
 log = logging.getLogger(__name__)
 # Room kept per sample for what the GPU decoder holds besides the model's activations: the decoded
@@ -113,7 +113,7 @@ def device_batches(
         batch_size=None,
         num_workers=workers,
         pin_memory=device.type == "cuda",
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=worker_shield(),
     )
     stage = DeviceImageDecoder(cpu.spec, cpu, device) if gpu else None
     return device_stage(loader, device, stage)
