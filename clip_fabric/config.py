@@ -63,7 +63,9 @@ class DataArgs:
     """Input kind: ``folder`` (images, captions in same-stem .txt), ``files`` (CSV/TSV/parquet/txt list),
     ``webdataset`` (tar shards) or ``synthetic`` (generated images, for smoke tests and benchmarks)."""
     source: str | None = None
-    """Folder path, list file, or webdataset path / brace pattern / ``pipe:`` URL. Unused for synthetic."""
+    """Folder path, list file, or webdataset path / brace pattern / URL. ``pipe:CMD`` runs ``CMD`` in a
+    shell and reads the tar from its output: only where written here, never for names found by listing
+    a folder or read from a list. Unused for synthetic."""
     batch_size: int | Literal["auto"] = "auto"
     """Samples per forward pass, or ``auto``: the largest power of two up to 1024 that fits the GPU's free
     memory, measured with one probe batch (256 on the CPU)."""
@@ -85,7 +87,7 @@ class DataArgs:
     ranks, written as one output file and skipped on resume once complete."""
     image_column: str | None = None
     """File-list column with the image path or URL (default: the first of image_path, path, filepath,
-    url, image)."""
+    url, image). A relative path is read against the list's folder, not the working directory."""
     caption_column: str | None = None
     """File-list column with the caption (default: the first of caption, text, title, if any)."""
     image_key: str | None = None
