@@ -46,12 +46,14 @@ def test_folder_non_utf8_caption_is_that_samples_error(tmp_path):
         assert samples["b.jpg"].error is None and samples["b.jpg"].caption == "caf\u00e9"
 
 
-def test_folder_lists_broken_links_as_errors(tmp_path):
+def test_folder_lists_broken_links_and_fifos_as_errors(tmp_path):
     root = folder(tmp_path, {"good.jpg": jpeg_bytes(0, (8, 8))})
     (root / "dangling.jpg").symlink_to(root / "gone.jpg")
     (root / "loop.jpg").symlink_to(root / "loop.jpg")
+    os.mkfifo(root / "fifo.png")
     samples = read_all(FolderSource(str(root), 10))
-    assert sorted(samples) == ["dangling.jpg", "good.jpg", "loop.jpg"]
+    assert sorted(samples) == ["dangling.jpg", "fifo.png", "good.jpg", "loop.jpg"]
+    assert samples["fifo.png"].error.endswith("not a regular file but a FIFO")
     assert "No such file or directory" in samples["dangling.jpg"].error
     assert str(root / "dangling.jpg") in samples["dangling.jpg"].error
     assert "Too many levels of symbolic links" in samples["loop.jpg"].error

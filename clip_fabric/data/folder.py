@@ -1,10 +1,10 @@
 """A folder of images, searched recursively; a same-stem ``.txt`` file beside an image is its caption,
 and a same-stem ``.json`` file its metadata.
 
-Symbolic links: an image name that is a link is listed whatever it points to, so that a dangling or
-looping link is a recorded error rather than a missing row; a caption or ``.json`` is read only where
-its real path lies inside the source folder, since its text is copied into the metadata (a link out of
-the folder could copy any file the job can read into it).
+Every entry with an image extension but a real directory is listed, so that a dangling or looping
+symbolic link, or a FIFO, is a recorded error rather than a missing row. A caption or ``.json`` is read
+only where its real path lies inside the source folder, since its text is copied into the metadata (a
+link out of the folder could copy any file the job can read into it).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class FolderSource:
         self.paths = sorted(
             p.relative_to(self.root).as_posix()
             for p in self.root.rglob("*")
-            if p.suffix.lower() in suffixes and (p.is_symlink() or p.is_file())
+            if p.suffix.lower() in suffixes and (p.is_symlink() or not p.is_dir())
         )
 
     @classmethod
