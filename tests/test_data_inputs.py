@@ -184,6 +184,18 @@ def test_listed_tar_names_are_opened_as_files_and_pipe_only_when_written(tmp_pat
     assert [s.key for s in read_all(piped).values()] == ["k1"]
 
 
+def test_fifo_named_tar_is_an_error_not_a_hang(tmp_path):
+    write_tar(tmp_path / "a.tar", [{"__key__": "k0", "jpg": jpeg_bytes(0, (8, 8))}])
+    os.mkfifo(tmp_path / "b.tar")
+    source = build_source(DataArgs(format="webdataset", source=str(tmp_path)))
+    found = []
+    reader = threading.Thread(target=lambda: found.extend(read_all(source).values()), daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    assert [s.key for s in found] == ["k0", "b.tar#0"], "reading a FIFO blocked"
+    assert found[1].error.endswith("not a regular file but a FIFO")
+
+
 def test_duplicate_adjacent_members_are_recorded(tmp_path):
     path = tmp_path / "t.tar"
     with tarfile.open(path, "w") as tar:

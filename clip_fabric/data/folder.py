@@ -13,6 +13,7 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from clip_fabric.config import DataArgs
 from clip_fabric.data import IMAGE_EXTENSIONS, RawSample, Shard, chunk
@@ -22,18 +23,25 @@ FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "
               stat.S_IFBLK: "a block device", stat.S_IFDIR: "a directory"}  # fmt: skip
 
 
-def read_bytes(path: Path) -> bytes:
-    """The bytes of the regular file at ``path``; ``OSError`` otherwise. A FIFO or device is refused
-    before a read that could block forever (opened non-blocking, then checked on the open file)."""
+def open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file; ``OSError`` otherwise. A FIFO or device is
+    refused before a read that could block forever (opened non-blocking, then checked on the open file,
+    so nothing can swap it in between)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             raise OSError(f"not a regular file but {FILE_KINDS.get(stat.S_IFMT(mode), 'a special file')}")
-        with open(fd, "rb", closefd=False) as f:
-            return f.read()
-    finally:
+        return open(fd, "rb")  # O_NONBLOCK does nothing to a regular file
+    except BaseException:
         os.close(fd)
+        raise
+
+
+def read_bytes(path: Path) -> bytes:
+    """The bytes of the regular file at ``path``; ``OSError`` otherwise (see ``open_regular``)."""
+    with open_regular(path) as f:
+        return f.read()
 
 
 def read_local(path: Path) -> tuple[bytes | None, str | None]:

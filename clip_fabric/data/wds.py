@@ -20,6 +20,7 @@ from webdataset.gopen import gopen
 
 from clip_fabric.config import DataArgs
 from clip_fabric.data import IMAGE_EXTENSIONS, RawSample, Shard
+from clip_fabric.data.folder import open_regular
 from clip_fabric.data.meta import json_fields, text
 
 CAPTION_FIELDS = ("txt", "caption", "text")
@@ -108,7 +109,7 @@ class WebDatasetSource:
         """The tar's bytes: a local file opened as one, never handed to ``gopen`` (which would run a
         name starting with ``pipe:`` as a command); URLs and the user's own ``pipe:`` through it."""
         if _is_file_name(url, self.listed):
-            with open(url, "rb") as f:
+            with open_regular(Path(url)) as f:  # a FIFO named .tar would block the worker forever
                 yield f
             return
         stream = gopen(url)
