@@ -78,7 +78,9 @@ def load_model(args: ModelArgs) -> tuple[nn.Module, Callable, Callable]:
     )
     model.eval().requires_grad_(False)
     patch_embedding_as_matmul(model)
-    return model, preprocess, open_clip.get_tokenizer(args.name, cache_dir=args.cache_dir)
+    # An hf-hub: tokenizer is chosen by the repo's config, which sits in the cache the weights came from.
+    hub = args.name.startswith(HF_HUB_PREFIX)
+    return model, preprocess, open_clip.get_tokenizer(args.name, cache_dir=args.cache_dir if hub else None)
 
 
 class MatmulPatchEmbedding(nn.Module):
