@@ -143,6 +143,9 @@ def test_list_paths_resolve_against_the_list_folder(tmp_path, monkeypatch):
     a, missing = FileListSource("lists/list.csv", 10).samples(Shard(0, "x", 0, 2))
     assert a.error is None and a.image == jpeg_bytes(0, (8, 8))
     assert missing.error == f"unreadable file {lists / 'img' / 'missing.jpg'}: No such file or directory"
+    pd.DataFrame({"url": ["file:///nowhere/x.jpg"]}).to_csv(path, index=False)
+    (remote,) = FileListSource(str(path), 10).samples(Shard(0, "x", 0, 1))
+    assert remote.error.startswith("unreadable url file:///nowhere/x.jpg: FileNotFoundError")
 
 
 def test_fifo_in_a_list_is_an_error_not_a_hang(tmp_path):

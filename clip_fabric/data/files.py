@@ -30,7 +30,7 @@ def read_url(url: str) -> tuple[bytes | None, str | None]:
         with fsspec.open(url, "rb", timeout=URL_TIMEOUT_S) as f:
             data = f.read()
     except Exception as err:  # noqa: BLE001 - any failure of a remote read is a per-sample error
-        return None, f"unreadable url: {type(err).__name__}: {err}"
+        return None, f"unreadable url {url}: {type(err).__name__}: {err}"
     return (data, None) if data else (None, "empty file")
 
 
