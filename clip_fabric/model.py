@@ -198,12 +198,14 @@ def _check_hf_hub_model(args: ModelArgs) -> None:
     if not missing:
         return
     if not _hub_reachable():
-        where = args.cache_dir or "the Hugging Face cache: HF_HUB_CACHE, or HF_HOME/hub"
+        from huggingface_hub import constants
+
+        where = args.cache_dir or f"the Hugging Face cache {constants.HF_HUB_CACHE} (HF_HOME, HF_HUB_CACHE)"
         raise WeightsUnavailableError(
             f"{args.name}: its open_clip {' and '.join(missing)} are not in {where}, and the hub cannot "
             f"be reached (HF_HUB_OFFLINE or no network): fetch it once where there is network with "
             f"python -c \"import open_clip; open_clip.create_model_and_transforms('{args.name}')\" "
-            "under the same HF_HOME, or copy that cache here"
+            "and the same cache, or pass --model.cache_dir where a copy of that cache is"
         )
     from open_clip.pretrained import download_pretrained_from_hf
 
