@@ -63,7 +63,9 @@ class DataArgs:
     """Input kind: ``folder`` (images, captions in same-stem .txt), ``files`` (CSV/TSV/parquet/txt list),
     ``webdataset`` (tar shards) or ``synthetic`` (generated images, for smoke tests and benchmarks)."""
     source: str | None = None
-    """Folder path, list file, or webdataset path / brace pattern / ``pipe:`` URL. Unused for synthetic."""
+    """Folder path, list file, or webdataset path / brace pattern / URL. ``pipe:CMD`` runs ``CMD`` in a
+    shell and reads the tar from its output: only where written here, never for names found by listing
+    a folder or read from a list. Unused for synthetic."""
     batch_size: int | Literal["auto"] = "auto"
     """Samples per forward pass, or ``auto``: the largest power of two up to 1024 that fits the GPU's free
     memory, measured with one probe batch (256 on the CPU)."""
@@ -88,9 +90,20 @@ class DataArgs:
     1,024 shards, each of 1,024 to 10,000 samples, by the number of samples alone."""
     image_column: str | None = None
     """File-list column with the image path or URL (default: the first of image_path, path, filepath,
-    url, image)."""
+    url, image). A relative path is read against the list's folder, not the working directory."""
     caption_column: str | None = None
     """File-list column with the caption (default: the first of caption, text, title, if any)."""
+    image_key: str | None = None
+    """``webdataset``: the extension of the tar member holding the image (clip-retrieval's
+    ``wds_image_key``), e.g. ``webp`` or ``seg.png``; default: the first of jpg, jpeg, png, webp, bmp,
+    gif, tif, tiff in the sample."""
+    caption_key: str | None = None
+    """``webdataset``: the extension of the tar member holding the caption (clip-retrieval's
+    ``wds_caption_key``); default: the first of txt, caption, text in the sample."""
+    json_metadata: bool = True
+    """Add each sample's ``.json`` fields to the metadata columns (clip-retrieval's
+    ``--enable_metadata``): a webdataset member, or a same-stem file beside a folder's image. Values are
+    strings (JSON text for numbers), nested keys flattened as ``a.b``."""
     num_samples: int = 1024
     """Number of samples for ``synthetic``."""
     image_size: tuple[int, int] = (500, 375)
@@ -112,6 +125,17 @@ class DataArgs:
             raise ValueError(f"--data.cpu_decode_share must be within [0, 1], got {self.cpu_decode_share}")
         if self.num_samples < 0:
             raise ValueError(f"--data.num_samples must be >= 0, got {self.num_samples}")
+        for option in ("image_key", "caption_key"):
+            value = getattr(self, option)
+            if value is not None:
+                if self.format != "webdataset":
+                    raise ValueError(
+                        f"--data.{option} names a tar member: it is for --data.format webdataset, "
+                        f"not {self.format}"
+                    )
+                setattr(self, option, value.lstrip(".").lower())  # tar members are matched lowercased
+                if not getattr(self, option):
+                    raise ValueError(f"--data.{option} {value!r} is empty: give an extension such as jpg")
         if self.format == "synthetic":
             if self.source:
                 raise ValueError(

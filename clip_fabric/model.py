@@ -17,6 +17,10 @@ from torch import Tensor, nn
 from clip_fabric.config import ModelArgs
 
 log = logging.getLogger(__name__)
+HF_HUB_PREFIX = "hf-hub:"
+HF_CONFIG_FILE = "open_clip_config.json"
+# What open_clip loads from an hf-hub repo, safetensors first (open_clip.pretrained.HF_WEIGHTS_NAME).
+HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -32,6 +36,9 @@ def register_config(args: ModelArgs) -> None:
 def check_model(args: ModelArgs) -> None:
     """Fail fast, before any process starts, on an unknown model or weights that cannot be had."""
     register_config(args)
+    if args.name.startswith(HF_HUB_PREFIX):
+        _check_hf_hub_model(args)
+        return
     if args.name not in open_clip.list_models():
         raise ValueError(
             f"unknown open_clip model {args.name!r}: pick one of open_clip.list_models() "
@@ -55,9 +62,10 @@ def check_model(args: ModelArgs) -> None:
 
 
 def load_model(args: ModelArgs) -> tuple[nn.Module, Callable, Callable]:
-    """Return ``(model, preprocess, tokenizer)`` exactly as open_clip builds them for evaluation."""
+    """Return ``(model, preprocess, tokenizer)`` exactly as open_clip builds them for evaluation; an
+    ``hf-hub:`` model comes with its repo's weights (``check_model`` made sure they are there)."""
     register_config(args)
-    if args.pretrained is None:
+    if args.pretrained is None and not args.name.startswith(HF_HUB_PREFIX):
         # Every rank must build the same random weights, or ranks would disagree on the same input.
         torch.manual_seed(0)
         log.warning(
@@ -70,7 +78,9 @@ def load_model(args: ModelArgs) -> tuple[nn.Module, Callable, Callable]:
     )
     model.eval().requires_grad_(False)
     patch_embedding_as_matmul(model)
-    return model, preprocess, open_clip.get_tokenizer(args.name)
+    # An hf-hub: tokenizer is chosen by the repo's config, which sits in the cache the weights came from.
+    hub = args.name.startswith(HF_HUB_PREFIX)
+    return model, preprocess, open_clip.get_tokenizer(args.name, cache_dir=args.cache_dir if hub else None)
 
 
 class MatmulPatchEmbedding(nn.Module):
@@ -167,6 +177,54 @@ class Embedder(nn.Module):
             probs, index = logits.softmax(dim=-1).topk(min(self.top_k, len(weights)), dim=-1)
             out |= {"topk": index, "topk_probs": probs}
         return {name: value for name, value in out.items() if name in self.outputs}
+
+
+def _check_hf_hub_model(args: ModelArgs) -> None:
+    """An ``hf-hub:ORG/NAME`` model: its open_clip config and weights are in the Hugging Face cache, or
+    fetched into it now, once, before any rank starts (open_clip itself would go on with random
+    weights, and only log it, where the weights cannot be had)."""
+    repo = args.name[len(HF_HUB_PREFIX) :]
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise ValueError(
+            f"--model.name {args.name!r}: hf-hub: names a Hugging Face repo as hf-hub:ORG/NAME, "
+            "e.g. hf-hub:timm/ViT-B-16-SigLIP"
+        )
+    if args.pretrained is not None:
+        raise ValueError(
+            f"--model.pretrained {args.pretrained!r}: an hf-hub: model's weights are its repo's; "
+            "leave --model.pretrained out"
+        )
+    missing = [name for name in ("config", "weights") if not _hf_file_cached(repo, name, args.cache_dir)]
+    if not missing:
+        return
+    if not _hub_reachable():
+        from huggingface_hub import constants
+
+        where = args.cache_dir or f"the Hugging Face cache {constants.HF_HUB_CACHE} (HF_HOME, HF_HUB_CACHE)"
+        raise WeightsUnavailableError(
+            f"{args.name}: its open_clip {' and '.join(missing)} are not in {where}, and the hub cannot "
+            f"be reached (HF_HUB_OFFLINE or no network): fetch it once where there is network with "
+            f"python -c \"import open_clip; open_clip.create_model_and_transforms('{args.name}')\" "
+            "and the same cache, or pass --model.cache_dir where a copy of that cache is"
+        )
+    from open_clip.pretrained import download_pretrained_from_hf
+
+    try:
+        download_pretrained_from_hf(repo, filename=HF_CONFIG_FILE, cache_dir=args.cache_dir)
+        download_pretrained_from_hf(repo, cache_dir=args.cache_dir)
+    except Exception as err:  # noqa: BLE001 - whatever the hub client raises, the run cannot start
+        raise WeightsUnavailableError(
+            f"{args.name}: the hub has no open_clip model there ({' '.join(str(err).split())[:300]}); "
+            "check the repo name (its files must include open_clip_config.json and weights)"
+        ) from None
+
+
+def _hf_file_cached(repo: str, what: str, cache_dir: str | None) -> bool:
+    """Whether the repo's open_clip config, or its weights (safetensors or .bin), are in the cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    names = (HF_CONFIG_FILE,) if what == "config" else HF_WEIGHT_FILES
+    return any(isinstance(try_to_load_from_cache(repo, n, cache_dir=cache_dir), str) for n in names)
 
 
 def _weights_cached(cfg: dict, cache_dir: str | None) -> bool:

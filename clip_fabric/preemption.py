@@ -3,14 +3,18 @@ requeue it so that the rerun resumes from the shards already done."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
 import signal
 import subprocess
 import threading
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class StopRequest:
@@ -37,11 +41,44 @@ class StopRequest:
         return self.signal is not None
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: SLURM signals every process of the step, and a worker killed by
-    the signal would fail the loader before the main process can finish its open shards."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+def worker_shield() -> Callable[[int], None]:
+    """The DataLoader ``worker_init_fn`` for workers of this process (see ``_shield_worker``)."""
+    return functools.partial(_shield_worker, os.getpid())
+
+
+def _shield_worker(owner_pid: int, worker_id: int) -> None:
+    """Shield a DataLoader worker of ``owner_pid`` (the rank) from stop signals meant for the rank.
+
+    SLURM signals every process of the step, and a worker killed by that signal would fail the loader
+    before the rank can finish its open shards; so the worker blocks the stop signals and one thread
+    takes them with their sender. A stop signal from the rank itself (multiprocessing's ``terminate``
+    when the rank exits, on any path, or the DataLoader's shutdown) ends the worker at once; any other
+    sender's is left to the rank. Ignoring them outright, as before, made workers that the rank's exit
+    waits for forever: any exception with workers alive hung the job. The worker also dies with the
+    thread that started it (``PR_SET_PDEATHSIG``), so a rank killed outright leaves no worker behind.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # threads started from here inherit the mask
+    _die_with_parent()
+    threading.Thread(target=_take_stop_signals, args=(owner_pid,), name="stop-signals", daemon=True).start()
+
+
+def _take_stop_signals(owner_pid: int) -> None:
+    while True:
+        info = signal.sigwaitinfo(STOP_SIGNALS)
+        if info.si_pid == owner_pid:
+            # The rank is shutting its workers down: nothing of a worker's is left to save. Status 0,
+            # since torch's SIGCHLD handler in the rank reports any other as a second, misleading error
+            # ("DataLoader worker ... is killed by signal") beside the one that made the rank exit.
+            os._exit(0)
+
+
+def _die_with_parent() -> None:
+    """Linux's ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; elsewhere the DataLoader's own watchdog remains."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
 
 
 def requeue_slurm_job() -> bool:

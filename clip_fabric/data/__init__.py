@@ -31,7 +31,7 @@ class RawSample:
     key: str
     image: bytes | None = None
     caption: str | None = None
-    meta: dict[str, str] = field(default_factory=dict)
+    meta: dict[str, str | None] = field(default_factory=dict)  # more metadata columns (image_path, .json)
     error: str | None = None
 
 

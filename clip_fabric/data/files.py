@@ -1,15 +1,18 @@
 """A list of images (and/or captions) in a CSV, TSV, parquet or plain-text file.
 
-Paths are read from disk (relative ones against the list's folder); anything with a scheme
-(``http://``, ``s3://``, ...) is read through fsspec.
+Paths are read from disk, a relative one against the folder of the list (not the working directory);
+anything with a scheme (``http://``, ``s3://``, ...) is read through fsspec. A listed name is never run
+as a command: ``pipe:...`` in a list is a file name.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
+import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -27,11 +30,15 @@ def read_url(url: str) -> tuple[bytes | None, str | None]:
         with fsspec.open(url, "rb", timeout=URL_TIMEOUT_S) as f:
             data = f.read()
     except Exception as err:  # noqa: BLE001 - any failure of a remote read is a per-sample error
-        return None, f"unreadable url: {type(err).__name__}: {err}"
+        return None, f"unreadable url {url}: {type(err).__name__}: {err}"
     return (data, None) if data else (None, "empty file")
 
 
 class FileListSource:
+    """Rows of a list. ``images``/``captions`` hold each row's path and caption as text (a numeric
+    caption column as Python's ``str`` of each value: ``7``, ``3.5``; NaN as none); a value that is not
+    UTF-8 text is None there and its reason in ``bad``, recorded as that row's error."""
+
     def __init__(
         self,
         path: str,
@@ -43,14 +50,27 @@ class FileListSource:
         self.path = Path(path)
         self.shard_size = shard_size
         columns = _read_table(self.path, "caption" if text_only else "image_path")
-        self.images = _pick(columns, image_column, IMAGE_COLUMNS, "--data.image_column")
-        self.captions = _pick(columns, caption_column, CAPTION_COLUMNS, "--data.caption_column")
+        images = _pick(columns, image_column, IMAGE_COLUMNS, "--data.image_column")
+        captions = _pick(columns, caption_column, CAPTION_COLUMNS, "--data.caption_column")
         if text_only:
-            self.images = None  # text mode reads no image, even where the list has paths
-        if self.images is None and self.captions is None:
+            images = None  # text mode reads no image, even where the list has paths
+            if captions is None:
+                raise ValueError(
+                    f"{path}: no caption column ({'/'.join(CAPTION_COLUMNS)}) for --mode text; name it "
+                    f"with --data.caption_column (columns: {', '.join(columns) or 'none'})"
+                )
+        elif images is None:
             raise ValueError(
-                f"{path}: no image column ({'/'.join(IMAGE_COLUMNS)}) nor caption column "
-                f"({'/'.join(CAPTION_COLUMNS)}); name one with --data.image_column or --data.caption_column"
+                f"{path}: no image column ({'/'.join(IMAGE_COLUMNS)}); name it with --data.image_column "
+                f"(columns: {', '.join(columns) or 'none'}), or embed captions alone with --mode text"
+            )
+        self.bad: dict[int, str] = {}
+        self.images = self._texts(images[1], images[0]) if images else None
+        self.captions = self._texts(captions[1], captions[0]) if captions else None
+        if self.images is not None and self.images and not any(self.images):
+            raise ValueError(
+                f"{path}: column {images[0]!r} holds no path in any of its {len(self.images)} rows; "
+                "name the path column with --data.image_column"
             )
         self.count = len(self.images if self.images is not None else self.captions)
 
@@ -69,31 +89,63 @@ class FileListSource:
             if self.images is not None:
                 location = self.images[row]
                 sample.meta["image_path"] = location or ""
-                if not location:
+                if row in self.bad:
+                    sample.error = self.bad[row]
+                elif not location:
                     sample.error = "empty image path"
                 elif "://" in location:
                     sample.image, sample.error = read_url(location)
                 else:
-                    path = Path(location)
-                    sample.image, sample.error = read_local(
-                        path if path.is_absolute() else self.path.parent / path
-                    )
+                    sample.image, sample.error = read_local(self.resolve(location))
+            elif row in self.bad:
+                sample.error = self.bad[row]
             yield sample
+
+    def resolve(self, location: str) -> Path:
+        """Where a listed path is read: an absolute one as it is, a relative one against the folder
+        of the list (not the working directory), so a list and its images move together."""
+        path = Path(location)
+        return path if path.is_absolute() else (self.path.parent / path).absolute()
+
+    def _texts(self, values: list, column: str) -> list[str | None]:
+        texts = []
+        for row, value in enumerate(values):
+            try:
+                texts.append(_cell(value))
+            except ValueError as err:
+                texts.append(None)
+                self.bad.setdefault(row, f"row {row}, column {column!r}: {err}")
+        return texts
+
+
+def _cell(value: object) -> str | None:
+    """A list's value as text; ``ValueError`` for bytes that are not UTF-8."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"not UTF-8 text ({err.reason} at byte {err.start})") from None
+    return value if isinstance(value, str) else str(value)
 
 
 def _read_table(path: Path, line_column: str) -> dict[str, list]:
-    """Columns of the list; a ``.txt`` list is one ``line_column`` value per non-empty line."""
+    """Columns of the list; a ``.txt`` list is one ``line_column`` value per non-empty line. Text is
+    read as bytes and decoded per row, so one row that is not UTF-8 is that row's error, not the job's."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return pq.read_table(path).to_pydict()
     if suffix in (".csv", ".tsv"):
         options = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
-        # Every column as text: a numeric-looking caption or path must not become a number.
-        names = pacsv.read_csv(path, parse_options=options).column_names
-        convert = pacsv.ConvertOptions(column_types=dict.fromkeys(names, "string"))
+        # Every column as bytes: a numeric-looking caption or path must not become a number.
+        unchecked = pacsv.ConvertOptions(check_utf8=False)  # only the header is read here
+        with pacsv.open_csv(path, parse_options=options, convert_options=unchecked) as reader:
+            names = reader.schema.names
+        convert = pacsv.ConvertOptions(column_types=dict.fromkeys(names, pa.binary()))
         return pacsv.read_csv(path, parse_options=options, convert_options=convert).to_pydict()
     if suffix == ".txt":
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_bytes().splitlines()
         return {line_column: [line.strip() for line in lines if line.strip()]}
     raise ValueError(
         f"--data.source {path}: unsupported list format {suffix!r}; use .csv, .tsv, .parquet or .txt"
@@ -102,11 +154,12 @@ def _read_table(path: Path, line_column: str) -> dict[str, list]:
 
 def _pick(
     columns: dict[str, list], wanted: str | None, defaults: tuple[str, ...], option: str
-) -> list | None:
+) -> tuple[str, list] | None:
+    """``(name, values)`` of the column asked for, or of the first default present."""
     if wanted is not None:
         if wanted not in columns:
             raise ValueError(
                 f"{option} {wanted!r} is not a column of the list; columns: {', '.join(columns)}"
             )
-        return columns[wanted]
-    return next((columns[name] for name in defaults if name in columns), None)
+        return wanted, columns[wanted]
+    return next(((name, columns[name]) for name in defaults if name in columns), None)

@@ -27,7 +27,7 @@ from clip_fabric.data.sizing import resolve_num_workers
 from clip_fabric.data.stream import ShardStream
 from clip_fabric.encode import DEFAULT_BATCH_SIZE, auto_batch_size
 from clip_fabric.modes import Mode
-from clip_fabric.preemption import ignore_stop_signals
+from clip_fabric.preemption import worker_shield
 from clip_fabric.strategies import hooks
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def device_batches(
         batch_size=None,
         num_workers=workers,
         pin_memory=device.type == "cuda",
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=worker_shield(),
     )
     stage = DeviceImageDecoder(cpu.spec, cpu, device) if gpu else None
     for batch in loader:

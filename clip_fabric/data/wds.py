@@ -1,21 +1,32 @@
 """WebDataset tar shards (local paths, brace patterns, URLs or ``pipe:`` commands): one tar, one shard.
 
-Tars are read with webdataset's own tar iterators; the split across ranks and workers is ours so that
+Tars are read with webdataset's own tar iterator; the split across ranks and workers is ours so that
 a shard's index, and so its output file, is the same on every run whatever the world size.
+
+A name is run as a shell command only where the user wrote ``pipe:`` in ``--data.source``: tar files
+found by listing a folder are always opened as files, whatever their names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import braceexpand
 from webdataset import tariterators
+from webdataset.gopen import gopen
 
 from clip_fabric.config import DataArgs
 from clip_fabric.data import IMAGE_EXTENSIONS, RawSample, Shard
+from clip_fabric.data.folder import open_regular
+from clip_fabric.data.meta import json_fields, text
 
 CAPTION_FIELDS = ("txt", "caption", "text")
+# Magic numbers of the compressions tarfile's stream mode undoes (gzip, bzip2, xz): a compressed tar
+# is not whole 512-byte blocks, and a cut in it is the decompressor's error to report, not ours.
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 
 
 def expand_urls(source: str) -> list[str]:
@@ -31,17 +42,30 @@ def expand_urls(source: str) -> list[str]:
 
 
 class WebDatasetSource:
-    def __init__(self, urls: list[str], text_only: bool = False) -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        text_only: bool = False,
+        image_key: str | None = None,
+        caption_key: str | None = None,
+        json_metadata: bool = True,
+        listed: bool = False,
+    ) -> None:
         self.urls = urls
         self.text_only = text_only
+        self.image_keys = (image_key,) if image_key else IMAGE_EXTENSIONS
+        self.caption_keys = (caption_key,) if caption_key else CAPTION_FIELDS
+        self.json_metadata = json_metadata
+        self.listed = listed  # names found by listing a folder: files, whatever they look like
 
     @classmethod
     def from_args(cls, args: DataArgs, text_only: bool) -> WebDatasetSource:
         urls = expand_urls(args.source)
-        missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
+        listed = Path(args.source).is_dir()
+        missing = [u for u in urls if _is_file_name(u, listed) and not Path(u).is_file()]
         if len(missing) == len(urls):
             raise ValueError(f"--data.source {args.source!r}: none of its {len(urls)} tar files exists")
-        return cls(urls, text_only)
+        return cls(urls, text_only, args.image_key, args.caption_key, args.json_metadata, listed)
 
     def shards(self) -> list[Shard]:
         return [Shard(i, url) for i, url in enumerate(self.urls)]
@@ -51,18 +75,23 @@ class WebDatasetSource:
         # read error still hands over the sample gathered before it.
         count, current = 0, None
         try:
-            streams = tariterators.url_opener([{"url": shard.name}])
-            for file in tariterators.tar_file_expander(streams):
-                key, ext = tariterators.base_plus_ext(file.get("fname", ""))
-                if key is None:
-                    continue
-                if current is not None and current["__key__"] != key:
-                    count += 1
-                    yield self._raw(current)
-                    current = None
-                current = current or {"__key__": key}
-                current[ext.lower()] = file["data"]
-            _check_tar_size(shard.name)
+            with self._open(shard.name) as stream:
+                files = tariterators.tar_file_expander([{"url": shard.name, "stream": stream}])
+                for file in files:
+                    key, ext = tariterators.base_plus_ext(file.get("fname", ""))
+                    if key is None:
+                        continue
+                    if current is not None and current["__key__"] != key:
+                        count += 1
+                        yield self._raw(current)
+                        current = None
+                    current = current or {"__key__": key}
+                    ext = ext.lower()
+                    if ext in current:  # tar keeps both; which one is the sample's cannot be told
+                        current.setdefault("__duplicates__", []).append(f"{key}.{ext}")
+                    current[ext] = file["data"]
+            if _is_file_name(shard.name, self.listed):
+                _check_tar_size(Path(shard.name))
         except Exception as err:  # noqa: BLE001 - a broken tar keeps the samples read before the break
             if current is not None:
                 count += 1
@@ -75,28 +104,70 @@ class WebDatasetSource:
         if current is not None:
             yield self._raw(current)
 
+    @contextmanager
+    def _open(self, url: str) -> Iterator[BinaryIO]:
+        """The tar's bytes: a local file opened as one, never handed to ``gopen`` (which would run a
+        name starting with ``pipe:`` as a command); URLs and the user's own ``pipe:`` through it."""
+        if _is_file_name(url, self.listed):
+            with open_regular(Path(url)) as f:  # a FIFO named .tar would block the worker forever
+                yield f
+            return
+        stream = gopen(url)
+        try:
+            yield stream
+        finally:
+            stream.close()
+
     def _raw(self, sample: dict) -> RawSample:
-        caption = next((sample[f] for f in CAPTION_FIELDS if f in sample), None)
-        raw = RawSample(sample["__key__"], caption=caption.decode("utf-8").strip() if caption else None)
-        if "cls" in sample:  # the class index of a labelled sample, for zero-shot evaluation
-            raw.meta["label"] = sample["cls"].decode("utf-8").strip()
+        raw = RawSample(sample["__key__"], meta={"image_path": sample["__key__"]})
+        try:
+            raw.meta |= self._fields(sample)
+            field = next((f for f in self.caption_keys if f in sample), None)
+            raw.caption = text(sample[field], f"caption {raw.key}.{field}") if field else None
+        except ValueError as err:
+            raw.error = str(err)
+            return raw
+        if "__duplicates__" in sample:
+            raw.error = f"the tar holds {', '.join(sample['__duplicates__'])} more than once"
+            return raw
         if self.text_only:
             if raw.caption is None:
-                raw.error = "no caption field (txt) in sample"
+                raw.error = f"no caption field ({'/'.join(self.caption_keys)}) in sample"
             return raw
-        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        ext = next((e for e in self.image_keys if e in sample), None)
         if ext is None:
-            raw.error = f"no image field ({'/'.join(IMAGE_EXTENSIONS)}) in sample"
+            raw.error = f"no image field ({'/'.join(self.image_keys)}) in sample"
         elif not sample[ext]:
             raw.error = "empty file"
         else:
             raw.image = sample[ext]
         return raw
 
+    def _fields(self, sample: dict) -> dict[str, str | None]:
+        """The sample's ``.json`` fields (when asked for) and class label; ``ValueError`` if unreadable."""
+        fields = {}
+        if self.json_metadata and "json" in sample:
+            try:
+                fields = json_fields(sample["json"])
+            except ValueError as err:
+                raise ValueError(f"metadata {sample['__key__']}.json unreadable: {err}") from None
+        if "cls" in sample:  # the class index of a labelled sample, for zero-shot evaluation
+            fields["label"] = text(sample["cls"], f"label {sample['__key__']}.cls")
+        return fields
 
-def _check_tar_size(url: str) -> None:
+
+def _is_file_name(url: str, listed: bool) -> bool:
+    """Whether ``url`` is a local path: any name found by listing, and written ones with no scheme."""
+    return listed or ("://" not in url and not url.startswith("pipe:"))
+
+
+def _check_tar_size(path: Path) -> None:
     """Tar files are whole 512-byte blocks: anything else was cut, maybe inside a header that tarfile
-    reads as a clean end of archive."""
-    path = Path(url)
-    if "://" not in url and not url.startswith("pipe:") and path.stat().st_size % 512:
-        raise OSError(f"{path.stat().st_size} bytes is not a whole number of 512-byte tar blocks")
+    reads as a clean end of archive. A compressed tar is not blocks; a cut in it is the decompressor's
+    error, raised while reading."""
+    with open(path, "rb") as f:
+        if f.read(6).startswith(COMPRESSED_MAGIC):
+            return
+    size = path.stat().st_size
+    if size % 512:
+        raise OSError(f"{size} bytes is not a whole number of 512-byte tar blocks")
