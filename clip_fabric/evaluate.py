@@ -23,7 +23,7 @@ from clip_fabric.config import DataArgs, ModelArgs
 from clip_fabric.data import Source, build_source
 from clip_fabric.data.pipeline import choose_batch_size, device_batches, resolve_decode
 from clip_fabric.encode import ChunkedEmbedder
-from clip_fabric.launch import build_fabric, launch_docs
+from clip_fabric.launch import build_fabric, die_with_launcher, launch_docs
 from clip_fabric.model import Embedder, check_model, load_model
 from clip_fabric.modes import MODES
 from clip_fabric.strategies import hooks
@@ -121,6 +121,7 @@ def main(
     output: Path,
     config: dict,
 ) -> dict:
+    die_with_launcher(fabric.local_rank)
     model, preprocess, tokenizer = load_model(model_args)
     # Split like predict's, so a batch that runs out of memory is retried in halves, not lost.
     module = fabric.setup_module(Embedder(model, frozenset({"image", "text"})))

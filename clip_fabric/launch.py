@@ -3,6 +3,9 @@ launch options' help text, written once and shared by the commands' docstrings."
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 import textwrap
 from collections.abc import Callable
 from typing import TypeVar
@@ -72,3 +75,21 @@ def build_fabric(
         strategy=build_strategy(strategy, devices, num_nodes, timeout_s, tower_layout, tensor_parallel_size),
         plugins=plugin,
     )
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_launcher(local_rank: int) -> None:
+    """Make a rank that its node's launcher started (Fabric's launcher is local rank 0 itself; srun or
+    torchrun otherwise) die the moment the launcher does. Without this, a rank 0 that failed left the
+    others computing until their next collective failed."""
+    if local_rank == 0 or not os.path.exists("/proc/self"):  # Linux only; rank 0 is the launcher
+        return
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher was gone before the request was made
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -21,7 +21,7 @@ from clip_fabric.data import Shard, Source, build_source
 from clip_fabric.data.pipeline import choose_batch_size, device_batches, resolve_decode
 from clip_fabric.data.sizing import resolve_num_workers
 from clip_fabric.encode import DEFAULT_BATCH_SIZE, ChunkedEmbedder, encode_in_order
-from clip_fabric.launch import build_fabric, launch_docs
+from clip_fabric.launch import build_fabric, die_with_launcher, launch_docs
 from clip_fabric.model import Embedder, check_model, load_model
 from clip_fabric.modes import MODES, Mode, ModeName
 from clip_fabric.precision import resolve_precision
@@ -132,6 +132,7 @@ def main(fabric: Fabric, job: Job) -> dict:
     """One rank's run. A stop signal is caught from here to the end, not only in the loop: one that lands
     while the ranks meet for the summary (a rank done early) must not kill that rank with the default
     action, which fails the other ranks in their collectives."""
+    die_with_launcher(fabric.local_rank)
     with StopRequest() as stop:
         out_dir, strategy = Path(job.output.dir), hooks(fabric.strategy)
         if fabric.global_rank == 0:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import read_output, run_cli
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("strategy", ["auto", "ddp"])

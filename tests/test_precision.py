@@ -256,7 +256,6 @@ def test_verify_precision_fails_before_work_on_fp8(tiny_config):
 
 @pytest.mark.parametrize("name", ["16-mixed", "bf16-mixed", "16-true"])
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_half_keeps_projections_fp32(tiny_model, name):
     images, texts = (t.cuda() for t in inputs())
     model = tiny_model.cuda()
@@ -274,7 +273,6 @@ def test_cuda_half_keeps_projections_fp32(tiny_model, name):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_fp8_builds_or_says_why():
     capability = torch.cuda.get_device_capability()
     if capability >= (8, 9) and prec.fp8.fp8_backend() is not None:
