@@ -3,7 +3,9 @@ the verify-precision command on a tiny model."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 
 import open_clip
 import pytest
@@ -124,9 +126,9 @@ def test_other_precisions_keep_the_exact_gelu(tiny_model, name):
     assert any(type(m) is nn.GELU for m in model.modules())
 
 
-def test_fp8_keeps_the_exact_gelu():
-    """torchao's FP8 plugin lowers to bf16 through the bf16-true plugin, but was not measured with the
-    epilogue: it keeps open_clip's GELU (its Linear layers become FP8, not LinearGelu)."""
+def test_torchao_fp8_keeps_the_exact_gelu():
+    """torchao's FP8 plugin (kept for experiments; ``--precision fp8`` is Transformer Engine) lowers to bf16
+    through the bf16-true plugin without the epilogue: it keeps open_clip's GELU."""
     from clip_fabric.precision.fp8 import TorchAOFloat8Precision
 
     assert prec.build_precision("bf16-true", accelerator="cpu").gelu_epilogue
@@ -200,22 +202,136 @@ def test_auto_builds_from_the_device(monkeypatch, capsys):
     assert prec.build_precision("auto").precision == "16-mixed"
 
 
+NO_TE = (False, "transformer_engine is not installed (pip install transformer_engine[pytorch])")
+
+
 @pytest.mark.parametrize(
-    "capability, backend, message",
+    "capability, status, message",
     [
-        (None, None, "needs a CUDA GPU of capability 8.9"),
-        ((8, 0), "torchao", "GPU-X is sm_80: use --precision bf16-mixed"),
-        ((9, 0), None, "needs transformer_engine or torchao, neither is installed: pip install torchao"),
+        (None, NO_TE, "needs a CUDA GPU of capability 8.9"),
+        ((8, 0), (True, "ok"), "GPU-X is sm_80: use --precision bf16-mixed"),
+        ((9, 0), NO_TE, "needs Transformer Engine: transformer_engine is not installed"),
+        (
+            (9, 0),
+            (False, "x"),
+            "torchao's float8 measured slower than bf16-true .*: use --precision bf16-true",
+        ),
     ],
 )
-def test_fp8_where_unavailable_fails_in_one_line(monkeypatch, capability, backend, message):
+def test_fp8_where_unavailable_fails_in_one_line(monkeypatch, capability, status, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: capability is not None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "GPU-X")
-    monkeypatch.setattr(prec.fp8, "fp8_backend", lambda: backend)
-    with pytest.raises(ValueError, match=message.replace("+", r"\+")) as err:
+    monkeypatch.setattr(prec.fp8, "transformer_engine_status", lambda: status)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")) as err:
         prec.build_precision("fp8")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("capability", [(8, 9), (9, 0), (10, 0), (12, 0)])
+def test_auto_never_picks_fp8(capability):
+    """FP8 ran faster than bf16-true on an H200 but at image cosine 0.997-0.9985 to float32, under the
+    0.999 that issue 18 asks for (docs/precision.md): ``auto`` keeps a bf16 precision."""
+    assert prec.choose_auto(capability, "GPU-X")[0] != "fp8"
+
+
+def _fake_transformer_engine(monkeypatch, fp8: tuple[bool, str] = (True, "")) -> None:
+    import types
+
+    top, sub = types.ModuleType("transformer_engine"), types.ModuleType("transformer_engine.pytorch")
+    top.__version__, top.pytorch = "9.9", sub
+    sub.is_fp8_available = lambda return_reason=False: fp8
+    monkeypatch.setitem(sys.modules, "transformer_engine", top)
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", sub)
+
+
+def test_transformer_engine_status_says_why(monkeypatch):
+    """What ``doctor`` prints: each way Transformer Engine can be unusable, in one line."""
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return object() if name == "transformer_engine" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    ok, why = prec.fp8.transformer_engine_status()
+    assert not ok and "not installed" in why
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setitem(sys.modules, "transformer_engine", types_module("transformer_engine"))
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)  # the extension fails to import
+    ok, why = prec.fp8.transformer_engine_status()
+    assert not ok and "installed but its PyTorch extension does not load" in why and "\n" not in why
+
+    _fake_transformer_engine(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert prec.fp8.transformer_engine_status() == (
+        False,
+        "transformer_engine 9.9 loads, but no CUDA GPU is visible",
+    )
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "GPU-X")
+    _fake_transformer_engine(monkeypatch, (False, "Device compute capability 8.9 or higher required"))
+    ok, why = prec.fp8.transformer_engine_status()
+    assert not ok and why.endswith(
+        "FP8 is unavailable on GPU-X: Device compute capability 8.9 or higher required"
+    )
+
+    _fake_transformer_engine(monkeypatch)
+    assert prec.fp8.transformer_engine_status() == (True, "transformer_engine 9.9: FP8 available on GPU-X")
+    assert prec.fp8.fp8_backend() == "transformer_engine"
+
+
+def types_module(name: str):
+    import types
+
+    return types.ModuleType(name)
+
+
+def test_split_attention_computes_the_same_function(tiny_model):
+    """``split_attention`` (both projections as nn.Linear, so FP8 sees them) changes no embedding: the
+    image tower without a mask, the text tower with its causal mask."""
+    from clip_fabric.precision.fp8 import LinearAttention, split_attention
+
+    images, texts = inputs()
+    with torch.inference_mode():
+        reference = embed(tiny_model, images, texts)
+        names = split_attention(tiny_model)
+        got = embed(tiny_model, images, texts)
+    assert len(names) == 4 and all(
+        isinstance(tiny_model.get_submodule(n).attn, LinearAttention) for n in names
+    )
+    for ref, out in zip(reference, got, strict=True):
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    attn = tiny_model.get_submodule(names[0]).attn
+    x = torch.randn(1, 3, attn.qkv.in_features)
+    with pytest.raises(ValueError, match="self-attention"):
+        attn(x, x + 1, x + 1)
+
+
+def test_split_attention_of_the_image_tower_only(tiny_model):
+    from clip_fabric.precision.fp8 import split_attention
+
+    names = split_attention(tiny_model, "image")
+    assert names and all(n.startswith("visual.") for n in names)
+
+
+def test_pad_rows_to_a_multiple_of_16():
+    """Transformer Engine's FP8 GEMMs refuse row counts that are not multiples of 8: any batch is padded."""
+    from clip_fabric.precision.fp8 import ROW_MULTIPLE, _pad_rows
+
+    x = torch.randn(3, 77, 8)  # 231 rows
+    flat, rows = _pad_rows(x)
+    assert rows == 231 and flat.shape == (240, 8) and flat.shape[0] % ROW_MULTIPLE == 0
+    torch.testing.assert_close(flat[:rows], x.reshape(-1, 8))
+    assert not flat[rows:].any()
+    same, _ = _pad_rows(torch.randn(2, 8, 8))
+    assert same.shape == (16, 8)
+
+
+def test_unknown_transformer_engine_recipe_fails_before_import():
+    with pytest.raises(ValueError, match="unknown Transformer Engine recipe 'fast'"):
+        prec.fp8.te_recipe("fast")
 
 
 def test_unknown_precision_is_refused():
