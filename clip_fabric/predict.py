@@ -6,12 +6,9 @@ source -> decode (DataLoader workers) -> batch -> device -> encode -> write.
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 from lightning.fabric import Fabric
@@ -24,13 +21,13 @@ from clip_fabric.encode import DEFAULT_BATCH_SIZE, SplittingEncoder
 from clip_fabric.model import Encoder, check_model, load_model
 from clip_fabric.precision import build_precision, resolve_precision
 from clip_fabric.preemption import StopRequest, requeue_slurm_job
+from clip_fabric.run_folder import RunFolder, fingerprint
 from clip_fabric.strategies import build_strategy, data_parallel, partner_session, stop_agreed, writes
 from clip_fabric.topology import TowerLayout
-from clip_fabric.writers import DONE_DIR, EMBEDDING_DIRS, ShardWriter, done_shards
+from clip_fabric.writers import ShardWriter
 from clip_fabric.zeroshot import load_class_names, load_templates, sharded_classifier
 
 log = logging.getLogger(__name__)
-RUN_FILE = "run.json"
 
 
 def setup(
@@ -105,7 +102,7 @@ def setup(
     check_model(model)
     source = build_source(data, text_only=mode == "text")
     run = {
-        "fingerprint": _fingerprint(model, data, output, mode, resolve_precision(precision, accelerator))
+        "fingerprint": fingerprint(model, data, output, mode, resolve_precision(precision, accelerator))
         | {"threshold": threshold, "zeroshot": asdict(zeroshot) if mode == "zeroshot" else None},
         "config": {
             "model": asdict(model),
@@ -122,7 +119,7 @@ def setup(
             "zeroshot": asdict(zeroshot),
         },
     }
-    _check_output_dir(Path(output.dir), run["fingerprint"], output.overwrite)
+    folder = RunFolder(output.dir)
     fabric = Fabric(
         accelerator=accelerator,
         devices=devices,
@@ -130,7 +127,9 @@ def setup(
         strategy=build_strategy(strategy, devices, num_nodes, timeout_s, tower_layout, tensor_parallel_size),
         plugins=build_precision(precision, tf32, accelerator),
     )
-    return fabric.launch(main, source, model, data, output, mode, threshold, zeroshot, run)
+    with folder.lock(take=fabric.global_rank == 0):  # not the ranks that Fabric's launch starts
+        folder.check(run, source, output.overwrite)
+        return fabric.launch(main, source, model, data, output, mode, threshold, zeroshot, run)
 
 
 def main(
@@ -148,9 +147,9 @@ def main(
     while the ranks meet for the summary (a rank done early) must not kill that rank with the default
     action, which fails the other ranks in their collectives."""
     with StopRequest() as stop:
-        out_dir = Path(output.dir)
+        folder = RunFolder(output.dir)
         if fabric.global_rank == 0:
-            _start_output_dir(out_dir, run, output.overwrite)
+            folder.start(run, output.overwrite)
         fabric.barrier()
 
         model, preprocess, tokenizer = load_model(model_args)
@@ -171,7 +170,7 @@ def main(
                 fabric, encode_text, tokenizer, class_names, templates
             )
         shards = source.shards()
-        done = done_shards(out_dir)
+        done = folder.done_shards()
         split = data_parallel(fabric.strategy, fabric.global_rank, fabric.world_size)
         mine = [s for s in shards[split[0] :: split[1]] if s.index not in done] if split else []
         decode = resolve_decode(data.decode, fabric.device, preprocess) if mode != "text" else "none"
@@ -185,7 +184,7 @@ def main(
             need_image=mode != "text", need_text=mode != "image",
         )  # fmt: skip
         writer = ShardWriter(
-            out_dir,
+            output.dir,
             len(shards),
             output.dtype,
             threshold,
@@ -250,7 +249,7 @@ def main(
         counts = fabric.all_reduce(local, reduce_op="sum")
         rows = int(counts[0])
         fabric.barrier()
-        summary = _summarize(out_dir, run, len(shards), rows, int(counts[1]), seconds, fabric.world_size)
+        summary = folder.summarize(run, len(shards), rows, int(counts[1]), seconds, fabric.world_size)
         summary["this_run"] |= {
             "batch_size": batch_size,
             "decode": decode,
@@ -261,7 +260,7 @@ def main(
             else None,
         }
         if fabric.global_rank == 0:
-            (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            folder.write_summary(summary)
             if (
                 (stop or stopping)
                 and summary["shards_done"] < summary["shards_total"]
@@ -271,8 +270,9 @@ def main(
         fabric.print(
             f"clip_fabric: {summary['rows']} rows, {summary['errors']} skipped samples (errors/), "
             + (f"{summary['filtered']} pairs under --threshold, " if summary["filtered"] else "")
-            + f"{summary['shards_done']}/{summary['shards_total']} shards in {out_dir}; this run {rows} rows "
-            f"at {summary['this_run']['samples_per_s'] or 0:.1f} samples/s on {fabric.world_size} rank(s)"
+            + f"{summary['shards_done']}/{summary['shards_total']} shards in {output.dir}; "
+            f"this run {rows} rows at {summary['this_run']['samples_per_s'] or 0:.1f} samples/s "
+            f"on {fabric.world_size} rank(s)"
         )
         return summary
 
@@ -315,62 +315,3 @@ def _percentiles(values: list[float]) -> dict | None:
     ordered = sorted(values)
     pick = lambda q: round(1000 * ordered[min(int(q * len(ordered)), len(ordered) - 1)], 2)  # noqa: E731
     return {"p50": pick(0.5), "p95": pick(0.95), "mean": round(1000 * sum(ordered) / len(ordered), 2)}
-
-
-def _fingerprint(model: ModelArgs, data: DataArgs, output: OutputArgs, mode: str, precision: str) -> dict:
-    """What must not change between a run and its resumption: anything that changes the rows written."""
-    return {
-        "model": asdict(model) | {"cache_dir": None},
-        # How fast, not what: the share of JPEGs the CPU takes beside the GPU decoder changes no row.
-        "data": {
-            k: v
-            for k, v in asdict(data).items()
-            if k not in ("batch_size", "num_workers", "cpu_decode_share")
-        },
-        "mode": mode,
-        "precision": precision,
-        "dtype": output.dtype,
-    }
-
-
-def _check_output_dir(out_dir: Path, fingerprint: dict, overwrite: bool) -> None:
-    run_file = out_dir / RUN_FILE
-    if overwrite or not run_file.is_file():
-        return
-    before = json.loads(run_file.read_text())["fingerprint"]
-    if before != json.loads(json.dumps(fingerprint)):
-        changed = sorted(k for k in fingerprint if before.get(k) != json.loads(json.dumps(fingerprint[k])))
-        raise ValueError(
-            f"{out_dir} holds a run with a different {', '.join(changed)}: resume it with the same settings, "
-            "choose another --output.dir, or pass --output.overwrite true to start again"
-        )
-
-
-def _start_output_dir(out_dir: Path, run: dict, overwrite: bool) -> None:
-    if overwrite:
-        for sub in (*EMBEDDING_DIRS.values(), "metadata", "errors", DONE_DIR):
-            shutil.rmtree(out_dir / sub, ignore_errors=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / RUN_FILE).write_text(json.dumps(run, indent=2, default=str))
-
-
-def _summarize(
-    out_dir: Path, run: dict, num_shards: int, rows: int, errors: int, seconds: float, world_size: int
-) -> dict:
-    done = done_shards(out_dir)
-    summary = {
-        "rows": sum(r["rows"] for r in done.values()),
-        "errors": sum(r["errors"] for r in done.values()),
-        "filtered": sum(r.get("filtered", 0) for r in done.values()),
-        "shards_done": len(done),
-        "shards_total": num_shards,
-        "this_run": {
-            "rows": rows,
-            "errors": errors,
-            "seconds": round(seconds, 3),
-            "samples_per_s": round(rows / seconds, 1) if seconds > 0 else None,
-            "world_size": world_size,
-        },
-        "config": run["config"],
-    }
-    return summary

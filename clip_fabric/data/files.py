@@ -80,6 +80,14 @@ class FileListSource:
                     )
             yield sample
 
+    def members(self, shard: Shard) -> list[str]:
+        images = self.images[shard.start : shard.stop] if self.images is not None else None
+        captions = self.captions[shard.start : shard.stop] if self.captions is not None else None
+        return [
+            f"{images[i] if images is not None else ''}\t{captions[i] if captions is not None else ''}"
+            for i in range(shard.stop - shard.start)
+        ]
+
 
 def _read_table(path: Path, line_column: str) -> dict[str, list]:
     """Columns of the list; a ``.txt`` list is one ``line_column`` value per non-empty line."""

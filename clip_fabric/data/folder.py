@@ -49,3 +49,6 @@ class FolderSource:
             if self.text_only and caption is None:
                 error = f"no caption file {caption_path.name}"
             yield RawSample(rel, image, caption, {"image_path": str(path)}, error)
+
+    def members(self, shard: Shard) -> list[str]:
+        return self.paths[shard.start : shard.stop]

@@ -93,6 +93,16 @@ class WebDatasetSource:
             raw.image = sample[ext]
         return raw
 
+    def members(self, shard: Shard) -> list[str]:
+        """The tar's URL, and its size and mtime when it is a local file (a tar rewritten in place)."""
+        if "://" in shard.name or shard.name.startswith("pipe:"):
+            return [shard.name]
+        try:
+            stat = Path(shard.name).stat()
+        except OSError:
+            return [shard.name, "missing"]
+        return [shard.name, str(stat.st_size), str(stat.st_mtime_ns)]
+
 
 def _check_tar_size(url: str) -> None:
     """Tar files are whole 512-byte blocks: anything else was cut, maybe inside a header that tarfile
