@@ -192,6 +192,11 @@ class RunFolder:
         done = self.done_shards()
         if stored is None or not done:
             return  # nothing embedded yet that a new listing could contradict
+        if not isinstance(stored, list) or not all(isinstance(s, dict) and "digest" in s for s in stored):
+            raise ValueError(
+                f"{self.path(PLAN_FILE)} is damaged (not a shard plan): pass --output.overwrite true to "
+                "start again, or delete it if you are sure the inputs are those of the done shards"
+            )
         if len(stored) != len(plan):
             raise ValueError(
                 f"the input now makes {len(plan)} shards where the run in {self.url} made {len(stored)} "
@@ -250,11 +255,13 @@ class RunFolder:
         left = _read_holder(path)
         if left:
             log.warning("%s: taking over the lock left by %s, which is gone", self.url, _describe(left))
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(_holder()).encode(), 0)
+        with suppress(OSError):  # the holder's name is for messages only: a full disk must not stop here
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(_holder()).encode(), 0)
 
         def release() -> None:
-            os.unlink(path)  # before unlocking: a run that opened it meanwhile sees another inode, retries
+            with suppress(FileNotFoundError):
+                os.unlink(path)  # before unlocking: a run that opened it meanwhile sees another inode
             os.close(fd)
 
         return release
@@ -309,7 +316,13 @@ class RunFolder:
         """Done records of the shards completed so far, by shard index. A damaged marker (cut, empty,
         not a record) means its shard is redone: a warning names the file."""
         done = {}
-        for path in sorted(self.fs.glob(self.path(f"{DONE_DIR}/*.json"))):
+        try:  # a listing, not a glob: the folder's own name may hold glob characters
+            paths = sorted(p for p in self.fs.ls(self.path(DONE_DIR), detail=False) if p.endswith(".json"))
+        except FileNotFoundError:
+            return done
+        for path in paths:
+            if os.path.basename(path).startswith("."):
+                continue
             try:
                 record = json.loads(self.fs.cat_file(path))
                 index = int(record["shard"])
