@@ -190,8 +190,11 @@ class RunFolder:
     def _check_plan(self, plan: list[dict]) -> None:
         stored = self.read_json(PLAN_FILE, "the shard plan of the first run")
         done = self.done_shards()
-        if stored is None or not done:
+        if not done:
             return  # nothing embedded yet that a new listing could contradict
+        if stored is None:
+            log.warning("%s has no shard plan (an older run): the input is not checked against it", self.url)
+            return
         if not isinstance(stored, list) or not all(isinstance(s, dict) and "digest" in s for s in stored):
             raise ValueError(
                 f"{self.path(PLAN_FILE)} is damaged (not a shard plan): pass --output.overwrite true to "
