@@ -127,8 +127,11 @@ def setup(
         strategy=build_strategy(strategy, devices, num_nodes, timeout_s, tower_layout, tensor_parallel_size),
         plugins=build_precision(precision, tf32, accelerator),
     )
-    with folder.lock(take=fabric.global_rank == 0):  # not the ranks that Fabric's launch starts
+    # Rank 0 holds the folder from here to its end; the ranks that Fabric's launch starts run setup too.
+    with folder.lock(take=fabric.global_rank == 0):
         folder.check(run, source, output.overwrite)
+        if fabric.global_rank == 0:  # before any process group: a failure here (full disk) ends at once
+            folder.start(run, output.overwrite)
         return fabric.launch(main, source, model, data, output, mode, threshold, zeroshot, run)
 
 
@@ -148,8 +151,6 @@ def main(
     action, which fails the other ranks in their collectives."""
     with StopRequest() as stop:
         folder = RunFolder(output.dir)
-        if fabric.global_rank == 0:
-            folder.start(run, output.overwrite)
         fabric.barrier()
 
         model, preprocess, tokenizer = load_model(model_args)
