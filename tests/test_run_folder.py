@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -276,6 +277,33 @@ def test_two_processes_racing_for_a_folder_one_wins(tmp_path):
     assert len(winners) == len(losers) == 1, results
     assert f"pid {winners[0].pid}" in losers[0][1] and "is in use by another run" in losers[0][1]
     assert not (out / LOCK_FILE).exists()  # released
+
+
+@pytest.mark.slow
+def test_two_predict_runs_started_together_embed_each_sample_once(tmp_path, tiny_config, image_folder):
+    """Issue 19 item 6 as found: two identical runs started together both embedded every shard."""
+    out = tmp_path / "out"
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "clip_fabric", *predict_args(out, tiny_config, image_folder)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    results = [run.communicate(timeout=240) for run in runs]
+
+    embedded = sum(int(n) for stdout, _ in results for n in re.findall(r"this run (\d+) rows", stdout))
+    assert embedded == 11, results  # the second run was refused, or found every shard done
+    for run, other, (_, stderr) in zip(runs, runs[::-1], results, strict=True):
+        refused = f"is in use by another run (host {socket.gethostname()}, pid {other.pid}" in stderr
+        assert run.returncode == 0 or (run.returncode == 1 and refused), stderr[-2000:]
+    keys = read_output(out)[1]
+    assert len(keys) == len(set(keys)) == 11
 
 
 def test_object_store_lock_names_its_holder_and_takes_over_a_dead_one(tmp_path):
