@@ -1,4 +1,5 @@
-"""Encoding a batch on the device without losing it to an out-of-memory error.
+"""Encoding batches on the device: in order, one batch in flight while the next is queued, and without
+losing a batch to an out-of-memory error.
 
 A batch that does not fit is split in halves and retried, and the size that fitted becomes the most
 this run sends at once from then on, so one oversized batch costs one retry, not the job.
@@ -7,10 +8,14 @@ this run sends at once from then on, so one oversized batch costs one retry, not
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from clip_fabric.data.batch import Batch
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +24,7 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-class SplittingEncoder:
+class ChunkedEmbedder:
     """Calls ``encode(images, texts) -> {tower: embeddings}`` on chunks of at most ``max_batch`` rows."""
 
     def __init__(self, encode: Callable[..., dict[str, Tensor]], max_batch: int) -> None:
@@ -88,3 +93,51 @@ def auto_batch_size(
         log.info("auto batch size on %s: %d (%.1f MB per sample, %.1f GB free)", device, sizes[-1],
                  per_sample / 1e6, free / 1e9)  # fmt: skip
     return max(1, min(*sizes, limit))
+
+
+class InFlight:
+    """A batch whose results are on their way to pinned host memory."""
+
+    def __init__(self, batch: Batch, embed: Callable[..., dict[str, Tensor]]) -> None:
+        self.batch, self.started = batch, time.perf_counter()
+        outputs = embed(batch.images, batch.texts) if batch.rows else {}
+        self.outputs = {k: v.to("cpu", non_blocking=True) for k, v in outputs.items()}
+        # Each copy runs on its own device's stream (model_parallel's towers sit on two GPUs).
+        self.events = []
+        for device in {v.device for v in outputs.values() if v.device.type == "cuda"}:
+            with torch.cuda.device(device):
+                self.events.append(torch.cuda.Event())
+                self.events[-1].record()
+
+    def result(self) -> tuple[Batch, dict[str, np.ndarray], float]:
+        """The batch, its outputs as arrays, and the seconds from its start to its results."""
+        for event in self.events:
+            event.synchronize()
+        return self.batch, {k: v.numpy() for k, v in self.outputs.items()}, time.perf_counter() - self.started
+
+
+def encode_in_order(
+    batches: Iterable[Batch],
+    embed: Callable[..., dict[str, Tensor]],
+    stopping: Callable[[], bool],
+    open_shards: Callable[[], set[int]],
+) -> Iterator[tuple[Batch, dict[str, np.ndarray], float]]:
+    """``(batch, outputs, latency)`` of each batch in order. A batch's results copy back while the next
+    batch is queued on the device. Once ``stopping()`` (asked before every batch), the shards already
+    begun (``open_shards()``, as the caller has written so far) are finished and no new one is begun, so
+    a stopped run leaves whole shards for the rerun."""
+    pending: InFlight | None = None
+    for batch in batches:
+        if stopping():
+            if pending is not None:
+                yield pending.result()
+                pending = None
+            if batch.shard not in open_shards():
+                if not open_shards():
+                    return
+                continue
+        pending, previous = InFlight(batch, embed), pending
+        if previous is not None:
+            yield previous.result()
+    if pending is not None:
+        yield pending.result()

@@ -22,10 +22,11 @@ from tqdm import tqdm
 from clip_fabric.config import DataArgs, ModelArgs
 from clip_fabric.data import Source, build_source
 from clip_fabric.data.pipeline import choose_batch_size, device_batches, resolve_decode
-from clip_fabric.encode import SplittingEncoder
-from clip_fabric.model import Encoder, check_model, load_model
-from clip_fabric.precision import build_precision
-from clip_fabric.strategies import build_strategy, data_parallel, writes
+from clip_fabric.encode import ChunkedEmbedder
+from clip_fabric.launch import build_fabric, launch_docs
+from clip_fabric.model import Embedder, check_model, load_model
+from clip_fabric.modes import MODES
+from clip_fabric.strategies import hooks
 from clip_fabric.zeroshot import load_class_names, load_templates, sharded_classifier
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,10 @@ RECALL_K = (1, 5, 10)
 UNSUPPORTED_STRATEGIES = ("hybrid",)
 
 
+@launch_docs(
+    "accelerator", "devices", "num_nodes", "strategy", "precision", "tf32", "timeout_s",
+    "tensor_parallel_size",
+)  # fmt: skip
 def setup(
     model: ModelArgs = ModelArgs(),
     data: DataArgs = DataArgs(),
@@ -66,16 +71,7 @@ def setup(
         templates: ``zeroshot``: prompt templates, ``openai`` (80), ``simple`` (7) or a file of one
             template per line with ``{}`` for the class name.
         output: JSON file the metrics, counts and configuration are written to.
-        accelerator: Fabric accelerator: ``cpu``, ``cuda``, ``gpu`` or ``auto``.
-        devices: Devices per node (a count, or ``auto``).
-        num_nodes: Number of nodes.
-        strategy: ``auto``, ``ddp``, ``model_parallel`` or ``tensor_parallel`` (``hybrid`` is refused).
-        precision: ``32-true``, ``16-mixed`` / ``16-true`` (fp16, LayerNorms and final projections kept
-            in fp32), ``bf16-mixed``, ``bf16-true``, ``fp8`` (H100/Ada with transformer-engine or
-            torchao) or ``auto`` (chosen per GPU, with the reason printed); see docs/precision.md.
-        tf32: Let float32 matrix products use TF32 tensor cores (Ampere and newer).
-        timeout_s: Seconds a rank waits for the others in a collective before failing.
-        tensor_parallel_size: ``tensor_parallel``: ranks that share one vision tower.
+        {launch}
 
     Returns:
         The report (also written to ``output``).
@@ -107,15 +103,10 @@ def setup(
         "devices": devices,
         "num_nodes": num_nodes,
     }
-    fabric = Fabric(
-        accelerator=accelerator,
-        devices=devices,
-        num_nodes=num_nodes,
-        strategy=build_strategy(
-            strategy, devices, num_nodes, timeout_s, tensor_parallel_size=tensor_parallel_size
-        ),
-        plugins=build_precision(precision, tf32, accelerator),
-    )
+    fabric = build_fabric(
+        accelerator, devices, num_nodes, strategy, precision, tf32, timeout_s,
+        tensor_parallel_size=tensor_parallel_size,
+    )  # fmt: skip
     return fabric.launch(main, source, model, data, task, classes, prompt_templates, Path(output), config)
 
 
@@ -132,21 +123,20 @@ def main(
 ) -> dict:
     model, preprocess, tokenizer = load_model(model_args)
     # Split like predict's, so a batch that runs out of memory is retried in halves, not lost.
-    module = fabric.setup_module(Encoder(model, frozenset({"image", "text"})))
+    module = fabric.setup_module(Embedder(model, frozenset({"image", "text"})))
     shards = source.shards()
-    split = data_parallel(fabric.strategy, fabric.global_rank, fabric.world_size)
+    strategy = hooks(fabric.strategy)
+    split = strategy.shard_split(fabric.global_rank, fabric.world_size)
     mine = shards[split[0] :: split[1]] if split else []
     decode = resolve_decode(data.decode, fabric.device, preprocess)
-    batch_size = choose_batch_size(
-        fabric, module, model, data, images=True, texts=task == "retrieval", decode=decode
-    )
-    encoder = SplittingEncoder(module, batch_size)
+    mode = MODES["both"] if task == "retrieval" else MODES["image"]  # retrieval pairs need captions
+    batch_size = choose_batch_size(fabric, module, model, data, mode.towers, decode)
+    encoder = ChunkedEmbedder(module, batch_size)
     loader = device_batches(
-        source, mine, preprocess, tokenizer, data, batch_size, fabric.device, decode,
-        need_image=True, need_text=task == "retrieval",
+        source, mine, preprocess, tokenizer, data, batch_size, fabric.device, decode, mode
     )  # fmt: skip
     # Ranks of one tensor-parallel group see the same batches: only the first one counts them.
-    counts = writes(fabric.strategy)
+    counts = strategy.writes
     progress = tqdm(desc=f"evaluating {len(mine)} shards", unit=" samples", disable=fabric.global_rank != 0)
     with torch.inference_mode():
         if task == "zeroshot":
@@ -187,13 +177,13 @@ def _zeroshot(fabric, encoder, tokenizer, loader, classes, templates, data, coun
     class_index = {name: i for i, name in enumerate(classes)}
     samples = errors = 0
     for batch in loader:
-        errors += len(batch["errors"]) * counts
-        progress.update(len(batch["rows"]))
-        if not batch["rows"]:
+        errors += len(batch.errors) * counts
+        progress.update(len(batch.rows))
+        if not batch.rows:
             continue
-        labels = torch.tensor([_label(row, class_index) for row in batch["rows"]], device=fabric.device)
+        labels = torch.tensor([_label(row, class_index) for row in batch.rows], device=fabric.device)
         # Every rank encodes (tensor-parallel ranks compute each batch together); only counting ones count.
-        images = encoder(batch["images"], None)["image"].to(fabric.device)
+        images = encoder(batch.images, None)["image"].to(fabric.device)
         if counts:
             for metric in accuracy.values():
                 metric.update(images @ weights.T, labels)
@@ -208,12 +198,12 @@ def _retrieval(fabric, encoder, loader, counts, progress):
     against them, and torchmetrics averages the hits over ranks."""
     images, texts, errors = [], [], 0
     for batch in loader:
-        errors += len(batch["errors"]) * counts
-        progress.update(len(batch["rows"]))
-        if not batch["rows"]:
+        errors += len(batch.errors) * counts
+        progress.update(len(batch.rows))
+        if not batch.rows:
             continue
         # Every rank encodes (tensor-parallel ranks compute each batch together); only counting ones keep it.
-        out = encoder(batch["images"], batch["texts"])
+        out = encoder(batch.images, batch.texts)
         if counts:
             images.append(out["image"].to(fabric.device))
             texts.append(out["text"].to(fabric.device))
@@ -338,16 +328,3 @@ def format_table(report: dict) -> str:
     for name, value in report["metrics"].items():
         lines.append(f"{name:<{width}}  " + (f"{100 * value:6.2f}%" if value is not None else "   n/a"))
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    import sys
-
-    from jsonargparse import CLI, set_parsing_settings
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    try:
-        CLI(setup, as_positional=False)
-    except (ValueError, RuntimeError) as err:
-        sys.exit(f"clip_fabric evaluate: error: {err}")

@@ -127,7 +127,7 @@ def patch_embedding_as_matmul(model: nn.Module) -> bool:
     return True
 
 
-class Encoder(nn.Module):
+class Embedder(nn.Module):
     """Runs the towers the inputs ask for and returns the ``outputs`` asked for: float32, L2-normalised
     ``image``/``text`` embeddings and the ``similarity`` (cosine) of each image-caption pair.
 

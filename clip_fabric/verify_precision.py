@@ -19,7 +19,8 @@ from clip_fabric.config import DataArgs, ModelArgs, ZeroShotArgs
 from clip_fabric.data import build_source
 from clip_fabric.data.decode import CpuDecoder
 from clip_fabric.data.stream import ShardStream
-from clip_fabric.model import Encoder, check_model, load_model
+from clip_fabric.launch import build_fabric
+from clip_fabric.model import Embedder, check_model, load_model
 from clip_fabric.precision import Fp32Precision, build_precision, choose_auto, device_capability
 from clip_fabric.zeroshot import build_classifier, load_class_names, load_templates
 
@@ -128,10 +129,10 @@ def _decode_inputs(data: DataArgs, preprocess: Callable, tokenizer: Callable) ->
     loader = DataLoader(stream, batch_size=None, num_workers=min(data.num_workers, len(shards)))
     images, texts = [], []
     for batch in loader:
-        if batch["images"] is not None:
-            images.append(batch["images"])
-        if batch["texts"] is not None:
-            texts.append(batch["texts"])
+        if batch.images is not None:
+            images.append(batch.images)
+        if batch.texts is not None:
+            texts.append(batch.texts)
     if not images or not texts:
         raise ValueError("verify-precision needs images with captions: the source yielded none")
     return images, texts
@@ -146,9 +147,9 @@ def _measure(
     classes: tuple,
 ) -> dict:
     """Embeddings, zero-shot labels, throughput and peak memory of ``clip`` under ``plugin``."""
-    fabric = Fabric(accelerator=accelerator, devices=1, plugins=plugin)
+    fabric = build_fabric(accelerator, devices=1, precision=plugin)
     # A copy per precision: the plugins convert the module in place.
-    encoder = fabric.setup_module(Encoder(copy.deepcopy(clip)))
+    encoder = fabric.setup_module(Embedder(copy.deepcopy(clip)))
     cuda = fabric.device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()  # the previous precision's copy is gone; its cached blocks go too

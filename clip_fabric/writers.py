@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clip_fabric.modes import Finished
 from clip_fabric.run_folder import DONE_DIR, EMBEDDING_DIRS, RunFolder
 
 __all__ = ["DONE_DIR", "EMBEDDING_DIRS", "ShardWriter", "done_shards", "shard_name"]
@@ -54,54 +55,29 @@ class ShardWriter:
         out_dir: str | os.PathLike,
         num_shards: int,
         dtype: str = "float16",
-        threshold: float | None = None,
         enabled: bool = True,
-        class_names: list[str] | None = None,
     ) -> None:
         self.folder = RunFolder(out_dir)  # a path or an fsspec URL
         self.enabled = enabled  # a rank whose group-mate writes the same rows keeps only the bookkeeping
         self.num_shards = num_shards
         self.dtype = np.dtype(dtype)
-        self.threshold = threshold
-        self.class_names = class_names
         self._open: dict[int, _ShardRows] = defaultdict(_ShardRows)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self._writes: list[Future] = []
+        self._failed = False  # after a failed write (a full disk) the queued shards are left for the rerun
 
-    def add(self, shard: int, source: str, rows: list[dict], errors: list[dict], outputs: dict, last: bool):
-        """Add one batch to its shard: its rows, errors and encoder outputs (``image``/``text`` embedding
-        arrays; ``similarity`` per pair, written as a metadata column and filtered by ``threshold``)."""
+    def add(self, shard: int, source: str, finished: Finished, errors: list[dict], last: bool) -> None:
+        """Add one batch to its shard: its finished rows and embeddings (``clip_fabric.modes``) and the
+        errors of its samples; the shard is written when its ``last`` batch arrives."""
         buffer = self._open[shard]
-        keep = None
-        if "similarity" in outputs:
-            scores = outputs["similarity"]
-            rows = [row | {"similarity": float(score)} for row, score in zip(rows, scores, strict=True)]
-            if self.threshold is not None:
-                keep = scores >= self.threshold
-                buffer.filtered += int((~keep).sum())
-                rows = [row for row, kept in zip(rows, keep, strict=True) if kept]
-        if "topk" in outputs:
-            rows = [
-                row | self._labels(index, probs)
-                for row, index, probs in zip(rows, outputs["topk"], outputs["topk_probs"], strict=True)
-            ]
-        buffer.rows.extend(rows)
+        buffer.rows.extend(finished.rows)
         buffer.errors.extend(errors)
-        for tower in EMBEDDING_DIRS.keys() & outputs.keys():
-            array = outputs[tower] if keep is None else outputs[tower][keep]
+        buffer.filtered += finished.filtered
+        for tower, array in finished.embeddings.items():
             buffer.embeddings[tower].append(array.astype(self.dtype, copy=False))
         if last:
             self._writes.append(self._pool.submit(self._write, shard, source, self._open.pop(shard)))
             self._raise_failed()
-
-    def _labels(self, index: np.ndarray, probs: np.ndarray) -> dict:
-        names = [self.class_names[i] for i in index]
-        return {
-            "label": names[0],
-            "probability": float(probs[0]),
-            "topk_labels": names,
-            "topk_probs": probs.tolist(),
-        }
 
     @property
     def open_shards(self) -> set[int]:
@@ -121,8 +97,15 @@ class ShardWriter:
             self._writes.remove(future)
 
     def _write(self, shard: int, source: str, buffer: _ShardRows) -> None:
-        if not self.enabled:
+        if not self.enabled or self._failed:
             return
+        try:
+            self._put_shard(shard, source, buffer)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def _put_shard(self, shard: int, source: str, buffer: _ShardRows) -> None:
         name = shard_name(shard, self.num_shards)
         for tower, sub in EMBEDDING_DIRS.items():
             arrays = buffer.embeddings.get(tower)

@@ -13,32 +13,32 @@ import pytest
 from conftest import read_output
 from PIL import Image
 
-from clip_fabric import benchmark
 from clip_fabric.__main__ import main
+from clip_fabric.benchmark import report as report_module
+from clip_fabric.benchmark import shards
 
 
 def test_shards_are_a_multiple_of_the_workers_and_about_a_thousand_images():
-    assert benchmark.shard_layout(100_000, None, 16) == (96, 1042)
-    assert benchmark.shard_layout(20_000, None, 16) == (16, 1250)
-    assert benchmark.shard_layout(24, None, 2) == (2, 12)
-    assert benchmark.shard_layout(24, 5, 2) == (5, 5)
+    assert shards.shard_layout(100_000, None, 16) == (96, 1042)
+    assert shards.shard_layout(20_000, None, 16) == (16, 1250)
+    assert shards.shard_layout(24, None, 2) == (2, 12)
+    assert shards.shard_layout(24, 5, 2) == (5, 5)
 
 
 def test_generated_jpegs_are_photo_sized_and_cached(tmp_path):
-    sizes = [len(benchmark.synthetic_photo(i, (500, 375))) for i in range(4)]
+    sizes = [len(shards.synthetic_photo(i, (500, 375))) for i in range(4)]
     assert all(55_000 < s < 95_000 for s in sizes), sizes
-    assert len(benchmark.synthetic_photo(0, (1024, 768))) in range(230_000, 370_000)
-    assert benchmark.synthetic_photo(3, (500, 375)) == benchmark.synthetic_photo(3, (500, 375))
+    assert len(shards.synthetic_photo(0, (1024, 768))) in range(230_000, 370_000)
+    assert shards.synthetic_photo(3, (500, 375)) == shards.synthetic_photo(3, (500, 375))
 
-    opts = {"shard_size": 3, "num_workers": 1, "devices": [1]}
-    first = benchmark._make_dataset(tmp_path, (40, 30), 7, opts)
+    first = shards.make_dataset(tmp_path, (40, 30), 7, shard_size=3, workers=1)
     assert (first["shards"], first["images"], first["generated_shards"]) == (3, 9, 3)
     with tarfile.open(Path(first["dir"]) / "000001.tar") as tar:
         names = tar.getnames()
         image = Image.open(io.BytesIO(tar.extractfile("000000003.jpg").read()))
     assert names == [f"00000000{i}.{ext}" for i in (3, 4, 5) for ext in ("jpg", "txt")]
     assert image.size == (40, 30)
-    assert benchmark._make_dataset(tmp_path, (40, 30), 7, opts)["generated_shards"] == 0  # reused
+    assert shards.make_dataset(tmp_path, (40, 30), 7, 3, 1)["generated_shards"] == 0  # reused
 
 
 @pytest.mark.parametrize(
@@ -50,6 +50,7 @@ def test_generated_jpegs_are_photo_sized_and_cached(tmp_path):
         (["--decode", "jpeg"], "predict refuses the end-to-end options"),
         (["--predict_args", "--data.nope 1"], "predict refuses the end-to-end options"),
         (["--models", "[NotAModel-99]"], "unknown open_clip model 'NotAModel-99'"),
+        (["--folder_images", "-1"], "--folder_images must be >= 0"),
     ],
 )
 def test_bad_option_is_one_line_before_any_work(tmp_path, args, message):
@@ -107,3 +108,82 @@ def test_benchmark_reports_model_pipeline_and_naive_loop(tmp_path, tiny_config, 
         chart.verify()
     with Image.open(work / "benchmark.png") as chart:
         assert chart.format == "PNG" and chart.size[0] >= 1000
+
+
+def test_defaults_row_is_compared_with_the_fastest_tuned_run_on_the_same_images():
+    tuned = {"model": "m", "image_size": "64x48", "devices": 1, "images": 24, "decode": None}
+    report = {
+        "model_only": [],
+        "naive": [],
+        "end_to_end": [
+            tuned | {"input": "webdataset", "precision": "32-true", "images_per_s": 100.0, "wall_s": 10.0},
+            tuned | {"input": "webdataset", "precision": "bf16-true", "images_per_s": 200.0, "wall_s": 8.0},
+            tuned | {"input": "folder", "precision": "bf16-true", "images_per_s": 400.0, "wall_s": 4.0},
+            tuned | {"input": "webdataset", "precision": "16-true", "images_per_s": None, "error": "OOM"},
+        ],
+        "defaults": [
+            tuned | {"input": "webdataset", "images_per_s": 150.0, "wall_s": 16.0},
+            tuned | {"input": "folder", "images_per_s": None, "error": "failed"},
+        ],
+    }
+    report_module.add_ratios(report)
+    shards_row, folder_row = report["defaults"]
+    assert (shards_row["tuned_images_per_s"], shards_row["tuned_precision"]) == (200.0, "bf16-true")
+    assert shards_row["of_tuned"] == 0.75 and shards_row["of_tuned_wall"] == 0.5
+    assert folder_row["tuned_images_per_s"] == 400.0 and folder_row["of_tuned"] is None
+
+
+PERFORMANCE_OPTIONS = ("--precision", "--data.batch_size", "--data.num_workers", "--data.decode", "--tf32")
+
+
+@pytest.mark.slow
+def test_defaults_run_predict_without_performance_options_on_shards_and_a_folder(
+    tmp_path, tiny_config, monkeypatch
+):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    work = tmp_path / "work"
+    main(
+        [
+            "benchmark",
+            "--model.config", str(tiny_config),
+            "--precision", "32-true",
+            "--image_sizes", "64x48",
+            "--num_images", "24",
+            "--folder_images", "20",
+            "--defaults", "true",
+            "--batch_size", "8",
+            "--num_workers", "2",
+            "--accelerator", "cpu",
+            "--predict_args", "--data.max_image_pixels 1000000",
+            "--naive", "false",
+            "--model_seconds", "0.1",
+            "--work_dir", str(work),
+        ]
+    )  # fmt: skip
+    report = json.loads((work / "benchmark.json").read_text())
+    shard_set, folder_set = report["datasets"]
+    assert (shard_set["input"], shard_set["images"], folder_set["input"], folder_set["images"]) == (
+        "webdataset", 24, "folder", 20
+    )  # fmt: skip
+    assert sorted(p.name for p in Path(folder_set["dir"]).iterdir()) == [f"{i:09d}.jpg" for i in range(20)]
+    assert Path(folder_set["dir"], "000000003.jpg").read_bytes() == shards.synthetic_photo(3, (64, 48))
+
+    tuned = {row["input"]: row for row in report["end_to_end"]}
+    plain = {row["input"]: row for row in report["defaults"]}
+    assert set(tuned) == set(plain) == {"webdataset", "folder"} and len(report["defaults"]) == 2
+    assert "--data.shard_size 10" in tuned["folder"]["command"]  # 2 workers, 2 shards of the folder
+    for kind, images in (("webdataset", 24), ("folder", 20)):
+        row = plain[kind]
+        assert row["error"] is None, row
+        assert row["rows"] == row["images"] == tuned[kind]["rows"] == images
+        assert f"--data.format {kind}" in row["command"]
+        assert "--data.max_image_pixels" in tuned[kind]["command"]
+        assert not [o for o in (*PERFORMANCE_OPTIONS, "--data.max_image_pixels") if o in row["command"]]
+        assert row["precision_used"] and row["num_workers_used"] is not None  # as predict's summary says
+        assert row["of_tuned"] == pytest.approx(row["images_per_s"] / tuned[kind]["images_per_s"], abs=1e-3)
+        _, plain_keys = read_output(Path(row["output_dir"]))
+        _, tuned_keys = read_output(Path(tuned[kind]["output_dir"]))
+        assert sorted(plain_keys) == sorted(tuned_keys) and len(set(plain_keys)) == images
+
+    with Image.open(work / "benchmark.png") as chart:
+        chart.verify()

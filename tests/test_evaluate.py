@@ -25,9 +25,9 @@ TEMPLATES = ["a photo of a {}.", "a drawing of the {}"]
 
 
 def evaluate_cli(*args: str) -> dict:
-    """``python -m clip_fabric.evaluate ARGS`` in fresh processes, as a user runs it; returns the report."""
+    """``python -m clip_fabric evaluate ARGS`` in fresh processes, as a user runs it; returns the report."""
     env = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    argv = [sys.executable, "-m", "clip_fabric.evaluate", "--accelerator", "cpu", *args]
+    argv = [sys.executable, "-m", "clip_fabric", "evaluate", "--accelerator", "cpu", *args]
     result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "report written to" in result.stdout

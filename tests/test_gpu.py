@@ -58,7 +58,7 @@ def test_gpu_jpeg_decode_matches_pil_preprocess():
 
     from clip_fabric.data import RawSample
     from clip_fabric.data.decode import CpuDecoder
-    from clip_fabric.data.gpu import DeviceImageDecoder, gpu_decode_available
+    from clip_fabric.data.device_decode import DeviceImageDecoder, gpu_decode_available
     from tests.test_throughput import PREPROCESS, batches, encoded
 
     device = torch.device("cuda")
@@ -79,10 +79,10 @@ def test_gpu_jpeg_decode_matches_pil_preprocess():
     [reference] = batches(samples[:-1], cpu, gpu_jpeg=False)
     [packed] = batches(samples, cpu, gpu_jpeg=True)
     out = DeviceImageDecoder(cpu.spec, cpu, device)(packed)
-    keys = [r["key"] for r in out["rows"]]
+    keys = [r["key"] for r in out.rows]
     assert keys[: len(images)] == [f"k{i}" for i in range(len(images))]
-    assert out["images"].device.type == "cuda"
-    diff = (out["images"][: len(images)].cpu() - reference["images"]).abs()
+    assert out.images.device.type == "cuda"
+    diff = (out.images[: len(images)].cpu() - reference.images).abs()
     print(f"GPU vs PIL preprocess: mean |diff| {diff.mean():.5f}, max {diff.max():.4f} (normalised units)")
     assert diff.mean() < 0.01 and diff.max() < 0.2
 

@@ -22,8 +22,8 @@ from PIL import Image
 from test_predict import predict, reference
 
 from clip_fabric.config import DataArgs
-from clip_fabric.encode import SplittingEncoder
-from clip_fabric.model import Encoder
+from clip_fabric.encode import ChunkedEmbedder
+from clip_fabric.model import Embedder
 from clip_fabric.run_folder import EXIT_RESUME
 from clip_fabric.strategies import build_strategy
 
@@ -93,7 +93,7 @@ def test_split_and_retry_on_out_of_memory():
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return {"image": images * 2}
 
-    encoder = SplittingEncoder(encode, max_batch=10)
+    encoder = ChunkedEmbedder(encode, max_batch=10)
     images = torch.arange(10.0).unsqueeze(1)
     torch.testing.assert_close(encoder(images, None)["image"], images * 2)
     assert encoder.max_batch == 2 and calls == [10, 5, 2, 2, 2, 2, 2]
@@ -106,26 +106,26 @@ def test_other_errors_and_oom_on_one_row_propagate():
         raise RuntimeError("shape mismatch")
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        SplittingEncoder(broken, 4)(torch.zeros(4, 1), None)
+        ChunkedEmbedder(broken, 4)(torch.zeros(4, 1), None)
 
     def always_oom(images, texts):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     with pytest.raises(torch.OutOfMemoryError):
-        SplittingEncoder(always_oom, 4)(torch.zeros(4, 1), None)
+        ChunkedEmbedder(always_oom, 4)(torch.zeros(4, 1), None)
 
 
 def test_predict_survives_injected_oom(tmp_path, tiny_config, tiny_checkpoint, image_folder, monkeypatch):
     data = DataArgs(format="folder", source=str(image_folder), batch_size=5, num_workers=0)
     clean, _ = predict(tmp_path / "clean", tiny_config, data, pretrained=tiny_checkpoint, dtype="float32")
-    forward = Encoder.forward
+    forward = Embedder.forward
 
     def small_memory(self, images=None, texts=None):
         if images is not None and len(images) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return forward(self, images, texts)
 
-    monkeypatch.setattr(Encoder, "forward", small_memory)
+    monkeypatch.setattr(Embedder, "forward", small_memory)
     out, summary = predict(tmp_path / "oom", tiny_config, data, pretrained=tiny_checkpoint, dtype="float32")
     assert summary["rows"] == 11 and summary["errors"] == 0
     (a, a_keys), (b, b_keys) = read_output(clean), read_output(out)
@@ -228,8 +228,8 @@ class _StreamReader(threading.Thread):
         return b"".join(self.chunks).decode(errors="replace")
 
     def rows_written(self) -> int:
-        """The highest count on rank 0's progress bar (``embedding N shards: M samples``)."""
-        return max((int(m) for m in re.findall(r"shards: (\d+) samples", self.text())), default=0)
+        """The highest count on rank 0's progress bar (``embedding: 7%|...| M/480 [...]``)."""
+        return max((int(m) for m in re.findall(r"embedding: .*?(\d+)/\d+ \[", self.text())), default=0)
 
 
 def _rank_pid(launcher_pid: int, rank: int) -> int | None:

@@ -356,8 +356,8 @@ def test_stopped_with_shards_left_exits_75_and_the_rerun_resumes(
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     add, signalled = ShardWriter.add, []
 
-    def add_then_signal(self, shard, source, rows, errors, outputs, last):
-        add(self, shard, source, rows, errors, outputs, last)
+    def add_then_signal(self, shard, source, finished, errors, last):
+        add(self, shard, source, finished, errors, last)
         if last and not signalled:  # the scheduler's signal once the first shard is complete
             signalled.append(shard)
             os.kill(os.getpid(), signal.SIGUSR1)

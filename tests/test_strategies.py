@@ -12,7 +12,7 @@ from lightning.fabric import Fabric
 from torch import nn
 
 from clip_fabric.config import DataArgs, ModelArgs, OutputArgs
-from clip_fabric.model import Encoder
+from clip_fabric.model import Embedder
 from clip_fabric.predict import setup
 from clip_fabric.strategies import build_strategy
 from clip_fabric.strategies.ddp import InferenceDDPStrategy
@@ -89,11 +89,11 @@ def test_towers_on_gpu_and_cpu_match_one_device(tiny_config, tiny_checkpoint):
         torch.randn(6, 3, 32, 32),
         open_clip.get_tokenizer("tiny-clip")([f"t {i}" for i in range(6)]),
     )
-    reference = Encoder(model.eval(), frozenset({"image", "text", "similarity"}))(images, texts)
+    reference = Embedder(model.eval(), frozenset({"image", "text", "similarity"}))(images, texts)
 
     strategy = TowerParallelStrategy()
     strategy.parallel_devices = [torch.device("cuda:0"), torch.device("cpu")]
-    encoder = Encoder(model, frozenset({"image", "text", "similarity"}))
+    encoder = Embedder(model, frozenset({"image", "text", "similarity"}))
     strategy.module_to_device(encoder)
     strategy.setup_module(encoder)
     with torch.inference_mode():

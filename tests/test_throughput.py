@@ -1,5 +1,5 @@
 """The fast data path on the CPU: batched tensor preprocessing (the GPU decoder's code, run on the CPU),
-scaled JPEG decoding, the prefetching hop to the device, and the automatic batch size."""
+scaled JPEG decoding, and the automatic batch size."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ from clip_fabric import encode
 from clip_fabric.config import DataArgs, ModelArgs, OutputArgs
 from clip_fabric.data import RawSample, Shard
 from clip_fabric.data.decode import CpuDecoder, ImageSpec, jpeg_header
-from clip_fabric.data.gpu import DeviceImageDecoder
-from clip_fabric.data.prefetch import device_stage
+from clip_fabric.data.device_decode import DeviceImageDecoder
 from clip_fabric.data.stream import ShardStream
 from clip_fabric.data.synthetic import synthetic_jpeg
 from clip_fabric.encode import auto_batch_size
@@ -74,17 +73,17 @@ def test_batched_tensor_path_matches_open_clip_preprocess():
     cpu = CpuDecoder(PREPROCESS, open_clip.get_tokenizer("ViT-B-32"), mode="pil")
     [reference] = batches(samples, cpu, gpu_jpeg=False)
     [packed] = batches(samples, cpu, gpu_jpeg=True)
-    assert packed["jpeg_rows"].tolist() == [0, 1, 2, 3, 4, 7] and packed["image_rows"].tolist() == [5, 6]
+    assert packed.jpegs.rows.tolist() == [0, 1, 2, 3, 4, 7] and packed.image_rows.tolist() == [5, 6]
     out = DeviceImageDecoder(cpu.spec, cpu, torch.device("cpu"))(packed)
-    assert out["images"].shape == reference["images"].shape and "jpeg_data" not in out
-    diff = (out["images"] - reference["images"]).abs()
+    assert out.images.shape == reference.images.shape and out.jpegs is None
+    diff = (out.images - reference.images).abs()
     # Normalised units: one uint8 step is about 0.015; torch's antialiased bicubic is PIL's filter.
     assert diff.mean() < 0.01, diff.mean()
     assert diff.amax(dim=(1, 2, 3)).max() < 0.2
-    cos = torch.nn.functional.cosine_similarity(out["images"].flatten(1), reference["images"].flatten(1))
+    cos = torch.nn.functional.cosine_similarity(out.images.flatten(1), reference.images.flatten(1))
     assert cos.min() > 0.9999
-    assert torch.equal(out["images"][5:7], reference["images"][5:7])  # the CPU rows untouched
-    assert torch.equal(out["texts"], reference["texts"])
+    assert torch.equal(out.images[5:7], reference.images[5:7])  # the CPU rows untouched
+    assert torch.equal(out.texts, reference.texts)
 
 
 def test_jpeg_only_the_device_rejects_becomes_an_error_record():
@@ -96,10 +95,10 @@ def test_jpeg_only_the_device_rejects_becomes_an_error_record():
     [packed] = batches(samples, cpu, gpu_jpeg=True)
     out = DeviceImageDecoder(cpu.spec, cpu, torch.device("cpu"))(packed)
     # Whether libjpeg refuses the file or pads it grey is its call; if it fails, the row moves to errors.
-    kept = [r["key"] for r in out["rows"]]
-    failed = [e["key"] for e in out["errors"]]
-    assert sorted(kept + failed) == ["a", "b", "c"] and len(out["images"]) == len(kept) == len(out["texts"])
-    assert all(e["source"] == "list" and "undecodable" in e["reason"] for e in out["errors"])
+    kept = [r["key"] for r in out.rows]
+    failed = [e["key"] for e in out.errors]
+    assert sorted(kept + failed) == ["a", "b", "c"] and len(out.images) == len(kept) == len(out.texts)
+    assert all(e["source"] == "list" and "undecodable" in e["reason"] for e in out.errors)
 
 
 def test_truncated_batch_falls_back_one_image_at_a_time():
@@ -109,9 +108,9 @@ def test_truncated_batch_falls_back_one_image_at_a_time():
     cpu = CpuDecoder(PREPROCESS, open_clip.get_tokenizer("ViT-B-32"))
     [packed] = batches(samples, cpu, gpu_jpeg=True)
     # The header of "b" does not parse: the worker already recorded it; the others go on.
-    assert [e["key"] for e in packed["errors"]] == ["b"]
+    assert [e["key"] for e in packed.errors] == ["b"]
     out = DeviceImageDecoder(cpu.spec, cpu, torch.device("cpu"))(packed)
-    assert [r["key"] for r in out["rows"]] == ["a", "c"] and out["images"].shape[0] == 2
+    assert [r["key"] for r in out.rows] == ["a", "c"] and out.images.shape[0] == 2
 
 
 def test_cpu_path_is_within_two_uint8_steps_of_pil_and_scales_large_jpegs():
@@ -138,26 +137,6 @@ def test_float_resize_branch_matches_the_uint8_one():
     exact, floated = spec.apply(image), spec.apply(image.float())
     assert exact.shape == floated.shape == (1, 3, 224, 224)
     assert (exact - floated).abs().max() <= 1.01 / (255 * min(spec.std))
-
-
-def test_device_stage_keeps_order_and_raises_source_errors():
-    seen = []
-
-    def stage(batch):
-        seen.append(batch["rows"][0])
-        return batch | {"images": batch["images"] * 2}
-
-    items = [{"images": torch.full((2, 3), float(i)), "texts": None, "rows": [i]} for i in range(5)]
-    out = list(device_stage(items, torch.device("cpu"), stage))
-    assert [b["rows"] for b in out] == [[i] for i in range(5)] and seen == list(range(5))
-    assert torch.equal(out[3]["images"], torch.full((2, 3), 6.0))
-
-    def broken():
-        yield {"images": None, "texts": None, "rows": []}
-        raise OSError("disk gone")
-
-    with pytest.raises(OSError, match="disk gone"):
-        list(device_stage(broken(), torch.device("cpu")))
 
 
 def test_auto_batch_size_fills_free_memory_to_a_power_of_two(monkeypatch):
@@ -230,13 +209,13 @@ def test_noise_jpeg_rows_keep_their_order_in_mixed_batches():
     decoder = DeviceImageDecoder(cpu.spec, cpu, torch.device("cpu"))
     for ref, pack in zip(reference, packed, strict=True):
         out = decoder(pack)
-        assert [r["key"] for r in out["rows"]] == [r["key"] for r in ref["rows"]]
-        cos = torch.nn.functional.cosine_similarity(out["images"].flatten(1), ref["images"].flatten(1))
+        assert [r["key"] for r in out.rows] == [r["key"] for r in ref.rows]
+        cos = torch.nn.functional.cosine_similarity(out.images.flatten(1), ref.images.flatten(1))
         assert cos.min() > 0.99, cos
         # And each row is closer to its own reference than to any other row.
-        sims = out["images"].flatten(1) @ ref["images"].flatten(1).T
-        assert torch.equal(sims.argmax(1), torch.arange(len(out["rows"])))
-    assert np.isfinite(out["images"].numpy()).all()
+        sims = out.images.flatten(1) @ ref.images.flatten(1).T
+        assert torch.equal(sims.argmax(1), torch.arange(len(out.rows)))
+    assert np.isfinite(out.images.numpy()).all()
 
 
 def test_cpu_decode_share_keeps_a_fixed_part_of_jpegs_on_the_cpu():
@@ -244,7 +223,7 @@ def test_cpu_decode_share_keeps_a_fixed_part_of_jpegs_on_the_cpu():
     cpu = CpuDecoder(PREPROCESS, open_clip.get_tokenizer("ViT-B-32"))
     stream = ShardStream(ListSource(samples), [Shard(0, "list")], cpu, 16, True, True, True, cpu_share=0.25)
     [packed] = list(stream)
-    assert packed["image_rows"].tolist() == [3, 7, 11] and len(packed["jpeg_rows"]) == 9
+    assert packed.image_rows.tolist() == [3, 7, 11] and len(packed.jpegs.rows) == 9
     with pytest.raises(ValueError, match="cpu_decode_share"):
         DataArgs(cpu_decode_share=1.5)
 

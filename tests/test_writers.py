@@ -16,6 +16,7 @@ from conftest import REPO, read_output
 from test_predict import predict
 
 from clip_fabric.config import DataArgs, ModelArgs, OutputArgs, ZeroShotArgs
+from clip_fabric.modes import Finished
 from clip_fabric.predict import setup
 from clip_fabric.run_folder import RunFolder
 from clip_fabric.writers import ShardWriter
@@ -45,16 +46,10 @@ def test_writer_puts_only_the_towers_given_and_each_done_marker_last(monkeypatch
     writer = ShardWriter(url, num_shards=12, dtype="float32")
     emb = np.eye(3, 4, dtype=np.float32)
     rows = [{"key": f"k{i}", "caption": None} for i in range(3)]
-    writer.add(3, "src", rows[:2], [], {"image": emb[:2]}, last=False)
-    writer.add(
-        3,
-        "src",
-        rows[2:],
-        [{"key": "bad", "source": "src", "reason": "empty file"}],
-        {"image": emb[2:]},
-        True,
-    )
-    writer.add(7, "src", rows, [], {"image": emb}, last=True)
+    bad = [{"key": "bad", "source": "src", "reason": "empty file"}]
+    writer.add(3, "src", Finished(rows[:2], {"image": emb[:2]}), [], last=False)
+    writer.add(3, "src", Finished(rows[2:], {"image": emb[2:]}), bad, last=True)
+    writer.add(7, "src", Finished(rows, {"image": emb}), [], last=True)
     writer.close()
     try:
         files = memory_files(root)

@@ -1,5 +1,11 @@
 """A rank's batches, from its shards to tensors on its device: the one place that assembles
-source -> decode (DataLoader workers) -> batch -> device (and GPU decode), for predict and evaluate."""
+source -> decode (DataLoader workers) -> batch -> device (and GPU decode), for predict and evaluate.
+
+The hop to the device runs in line, in the main thread. The overlap comes from the order of work in the
+predict loop: the batch after this one is read and decoded here while the GPU still runs this batch's
+encoder (kernel launches return at once, and the loop waits for a batch's results one batch later).
+A background thread with its own CUDA stream was tried first and hung at scale on an H100 (40k images,
+15 workers, batches of 1,000), so the simpler order is kept."""
 
 from __future__ import annotations
 
@@ -14,12 +20,14 @@ from torch.utils.data import DataLoader
 
 from clip_fabric.config import DataArgs
 from clip_fabric.data import Shard, Source
+from clip_fabric.data.batch import Batch
 from clip_fabric.data.decode import CpuDecoder, ImageSpec
-from clip_fabric.data.gpu import DeviceImageDecoder, gpu_decode_available
-from clip_fabric.data.prefetch import device_stage
+from clip_fabric.data.device_decode import DeviceImageDecoder, gpu_decode_available
 from clip_fabric.data.stream import ShardStream
 from clip_fabric.encode import DEFAULT_BATCH_SIZE, auto_batch_size
+from clip_fabric.modes import Mode
 from clip_fabric.preemption import ignore_stop_signals
+from clip_fabric.strategies import hooks
 
 log = logging.getLogger(__name__)
 # Room kept per sample for what the GPU decoder holds besides the model's activations: the decoded
@@ -54,16 +62,15 @@ def choose_batch_size(
     module: nn.Module,
     model: nn.Module,
     data: DataArgs,
-    images: bool,
-    texts: bool,
+    towers: frozenset[str],
     decode: str,
 ) -> int:
-    """``--data.batch_size``, or what ``auto`` finds with one probe batch of the towers that run (images
-    and/or texts) on every device holding weights, the smallest over all ranks. A strategy whose forward
-    needs a partner rank (``local_forward = False``) cannot probe alone and gets the default."""
+    """``--data.batch_size``, or what ``auto`` finds with one probe batch of the ``towers`` that run on
+    every device holding weights, the smallest over all ranks. A strategy whose forward needs a partner
+    rank (``local_forward = False``) cannot probe alone and gets the default."""
     if data.batch_size != "auto":
         return data.batch_size
-    if not getattr(fabric.strategy, "local_forward", True):
+    if not hooks(fabric.strategy).local_forward:
         fabric.print(f"clip_fabric: batch size {DEFAULT_BATCH_SIZE} (auto cannot probe a paired forward)")
         return DEFAULT_BATCH_SIZE
     size = model.visual.image_size
@@ -73,8 +80,10 @@ def choose_batch_size(
 
     def inputs(n: int) -> tuple:
         return (
-            torch.zeros(n, 3, size, size, device=devices[0]) if images else None,
-            torch.zeros(n, model.context_length, dtype=torch.int64, device=devices[0]) if texts else None,
+            torch.zeros(n, 3, size, size, device=devices[0]) if "image" in towers else None,
+            torch.zeros(n, model.context_length, dtype=torch.int64, device=devices[0])
+            if "text" in towers
+            else None,
         )
 
     extra = GPU_DECODE_BYTES_PER_SAMPLE if decode == "gpu" else 0
@@ -94,19 +103,20 @@ def device_batches(
     batch_size: int,
     device: torch.device,
     decode: str,
-    need_image: bool,
-    need_text: bool,
-) -> Iterator[dict]:
-    """Batches of ``shards`` with ``images``/``texts`` on ``device``; ``decode`` as resolved."""
+    mode: Mode,
+) -> Iterator[Batch]:
+    """Batches of ``shards`` with ``images``/``texts`` on ``device`` as ``mode`` needs them; ``decode`` as
+    resolved."""
     # DCT scaling only where asked for, and never beside the GPU decoder (both keep 1e-5 without it).
     cpu = CpuDecoder(
         preprocess, tokenizer, data.max_image_pixels, mode="pil" if decode == "pil" else "cpu",
         scale_jpegs=data.dct_scaling and decode == "cpu",
     )  # fmt: skip
-    gpu = decode == "gpu" and need_image
+    gpu = decode == "gpu" and mode.reads_images
     stream = ShardStream(
-        source, shards, cpu, batch_size, need_image, need_text, gpu_jpeg=gpu, cpu_share=data.cpu_decode_share
-    )
+        source, shards, cpu, batch_size, mode.reads_images, mode.caption_required, gpu_jpeg=gpu,
+        cpu_share=data.cpu_decode_share,
+    )  # fmt: skip
     workers = min(data.num_workers, len(shards))  # a worker reads whole shards: no more than there are
     loader = DataLoader(
         stream,
@@ -116,4 +126,5 @@ def device_batches(
         worker_init_fn=ignore_stop_signals,
     )
     stage = DeviceImageDecoder(cpu.spec, cpu, device) if gpu else None
-    return device_stage(loader, device, stage)
+    for batch in loader:
+        yield (stage(batch) if stage is not None else batch).to(device)

@@ -5,24 +5,22 @@ shard with a batch marked ``last``, so the writer knows when a shard's rows are 
 cannot be read or decoded becomes an error record in its batch instead of an exception.
 
 With ``gpu_jpeg`` the JPEGs the GPU decoder takes are checked (header, size) but not decoded: their bytes
-travel packed in one tensor (``jpeg_data``, ``jpeg_lengths``), and ``image_rows``/``jpeg_rows`` say which
-rows of the batch each image tensor belongs to; ``clip_fabric.data.gpu`` decodes them on the device.
+travel packed in one tensor (``Batch.jpegs``), and ``image_rows``/``jpegs.rows`` say which
+rows of the batch each image tensor belongs to; ``clip_fabric.data.device_decode`` decodes them on the device.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clip_fabric.data import RawSample, Shard, Source
+from clip_fabric.data.batch import Batch, PackedJpegs
 from clip_fabric.data.decode import CpuDecoder, jpeg_header, pack_bytes
 
 GPU_JPEG_MODES = ("RGB", "L")
-
-Batch = dict[str, Any]
 
 
 class ShardStream(IterableDataset):
@@ -33,7 +31,7 @@ class ShardStream(IterableDataset):
         decoder: CpuDecoder,
         batch_size: int,
         need_image: bool,
-        need_text: bool,
+        need_caption: bool,
         gpu_jpeg: bool = False,
         cpu_share: float = 0.0,
     ) -> None:
@@ -42,7 +40,7 @@ class ShardStream(IterableDataset):
         self.decoder = decoder
         self.batch_size = batch_size
         self.need_image = need_image
-        self.need_text = need_text
+        self.need_caption = need_caption  # the text tower runs: a sample without a caption is an error
         self.gpu_jpeg = gpu_jpeg
         self.cpu_share = cpu_share
 
@@ -63,7 +61,7 @@ class ShardStream(IterableDataset):
                 continue
             rows.append({"key": raw.key, **raw.meta, "caption": raw.caption})
             images.append(image)
-            if self.need_text:
+            if self.need_caption:
                 captions.append(raw.caption)
             if len(rows) == self.batch_size:
                 yield self._batch(shard, rows, images, captions, errors, last=False)
@@ -74,7 +72,7 @@ class ShardStream(IterableDataset):
         """The image tensor (or, for the GPU decoder, the checked JPEG bytes), or why there is none."""
         if raw.error is not None:
             return None, raw.error
-        if self.need_text and not (raw.caption and raw.caption.strip()):
+        if self.need_caption and not (raw.caption and raw.caption.strip()):
             return None, "no caption"
         if not self.need_image:
             return None, None
@@ -91,27 +89,17 @@ class ShardStream(IterableDataset):
     def _batch(
         self, shard: Shard, rows: list, images: list, captions: list, errors: list, last: bool
     ) -> Batch:
-        batch = {
-            "shard": shard.index,
-            "source": shard.name,
-            "rows": rows,
-            "images": None,
-            "texts": self.decoder.texts(captions) if captions else None,
-            "errors": errors,
-            "last": last,
-        }
+        texts = self.decoder.texts(captions) if captions else None
+        batch = Batch(shard.index, shard.name, rows, errors, last, texts=texts)
         if not self.need_image or not images:
             return batch
         tensors = [i for i, image in enumerate(images) if isinstance(image, torch.Tensor)]
         if len(tensors) == len(images):
-            batch["images"] = torch.stack(images)
+            batch.images = torch.stack(images)
             return batch
         jpegs = [i for i, image in enumerate(images) if not isinstance(image, torch.Tensor)]
         data, lengths = pack_bytes([images[i] for i in jpegs])
-        return batch | {
-            "images": torch.stack([images[i] for i in tensors]) if tensors else None,
-            "image_rows": torch.tensor(tensors, dtype=torch.int64),
-            "jpeg_data": data,
-            "jpeg_lengths": lengths,
-            "jpeg_rows": torch.tensor(jpegs, dtype=torch.int64),
-        }
+        batch.images = torch.stack([images[i] for i in tensors]) if tensors else None
+        batch.image_rows = torch.tensor(tensors, dtype=torch.int64)
+        batch.jpegs = PackedJpegs(data, lengths, torch.tensor(jpegs, dtype=torch.int64))
+        return batch

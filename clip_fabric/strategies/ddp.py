@@ -5,8 +5,10 @@ from __future__ import annotations
 from lightning.fabric.strategies import DDPStrategy
 from torch import nn
 
+from clip_fabric.strategies.base import InferenceStrategy
 
-class InferenceDDPStrategy(DDPStrategy):
+
+class InferenceDDPStrategy(InferenceStrategy, DDPStrategy):
     """Fabric's DDP launch, process group and device placement, without ``DistributedDataParallel``.
 
     The wrapper exists to all-reduce gradients; inference has none, so wrapping would only add a

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -17,12 +18,12 @@ from torch import Tensor, nn
 
 from clip_fabric.strategies.ddp import InferenceDDPStrategy
 from clip_fabric.strategies.towers import place_towers
-from clip_fabric.topology import TowerLayout, TowerPairs
+from clip_fabric.topology import ParallelDims, TowerLayout, TowerPairs
 
 _DONE = -1
 
 
-class PairedEncoder(nn.Module):
+class PairedEmbedder(nn.Module):
     """The vision rank's encoder: image features here, text features from the partner rank."""
 
     def __init__(self, encoder: nn.Module, partner: int) -> None:
@@ -42,11 +43,27 @@ class PairedEncoder(nn.Module):
 
 
 class HybridTowerStrategy(InferenceDDPStrategy):
+    splits_towers = True
     local_forward = False  # a vision rank's forward waits for its partner: no rank can probe alone
 
     def __init__(self, layout: TowerLayout = "adjacent", **kwargs) -> None:
         super().__init__(**kwargs)
         self.layout = layout
+
+    @classmethod
+    def dims(cls, world_size: int | None, tensor_parallel_size: int | None) -> ParallelDims:
+        if tensor_parallel_size is not None:
+            raise ValueError("--tensor_parallel_size is for --strategy tensor_parallel")
+        if world_size is not None:
+            TowerPairs(world_size)  # its message says what hybrid needs
+        return ParallelDims(world_size, towers=2)
+
+    @classmethod
+    def build(
+        cls, dims: ParallelDims, timeout: timedelta, tower_layout: str = "adjacent"
+    ) -> HybridTowerStrategy:
+        TowerPairs(dims.world_size or 2, tower_layout)  # the layout name, checked before any process starts
+        return cls(tower_layout, timeout=timeout)
 
     @property
     def pairs(self) -> TowerPairs:
@@ -56,10 +73,9 @@ class HybridTowerStrategy(InferenceDDPStrategy):
     def role(self) -> str:
         return self.pairs.role(self.global_rank)
 
-    @property
-    def data_parallel(self) -> tuple[int, int] | None:
-        """``(index, count)`` of this rank's share of the shards; ``None`` for a text rank (reads none)."""
-        return (self.pairs.pair(self.global_rank), self.pairs.num_pairs) if self.role == "vision" else None
+    def shard_split(self, rank: int, world_size: int) -> tuple[int, int] | None:
+        """A vision rank takes its pair's share of the shards; a text rank reads none."""
+        return (self.pairs.pair(rank), self.pairs.num_pairs) if self.role == "vision" else None
 
     def module_to_device(self, module: nn.Module) -> None:
         meta = torch.device("meta")  # the tower this rank does not run is dropped, not kept in memory
@@ -68,7 +84,7 @@ class HybridTowerStrategy(InferenceDDPStrategy):
 
     def setup_module(self, module: nn.Module) -> nn.Module:
         partner = self.pairs.partner(self.global_rank)
-        return PairedEncoder(module, partner) if self.role == "vision" else module
+        return PairedEmbedder(module, partner) if self.role == "vision" else module
 
     @contextmanager
     def partner_session(self, module: nn.Module) -> Iterator[None]:

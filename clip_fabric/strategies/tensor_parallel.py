@@ -8,6 +8,8 @@ function, torchtitan-style: one function applies the plan, the model code is not
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -15,6 +17,9 @@ from lightning.fabric.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from clip_fabric.strategies.base import InferenceStrategy
+from clip_fabric.topology import ParallelDims
 
 BLOCK_PLAN = {
     "attn.q": ColwiseParallel(),
@@ -82,18 +87,33 @@ def parallelize_vision(module: nn.Module, mesh: DeviceMesh) -> nn.Module:
     return module
 
 
-class VisionTensorParallelStrategy(ModelParallelStrategy):
+class VisionTensorParallelStrategy(InferenceStrategy, ModelParallelStrategy):
     """Fabric's ``ModelParallelStrategy`` with the vision plan; ranks of one tensor-parallel group read
     the same shards (they compute one batch together) and only the first of them writes."""
 
     def __init__(self, tensor_parallel_size: int | str = "auto", **kwargs) -> None:
         super().__init__(parallelize_vision, tensor_parallel_size=tensor_parallel_size, **kwargs)
 
+    @classmethod
+    def dims(cls, world_size: int | None, tensor_parallel_size: int | None) -> ParallelDims:
+        """Tensor parallel within a node by default (Fabric's ``auto``: the devices of a node), data
+        parallel across; an explicit size must divide the world."""
+        if tensor_parallel_size is not None and world_size is None:
+            raise ValueError("--tensor_parallel_size needs a number of --devices, not 'auto'")
+        return ParallelDims(world_size, tensor_parallel=tensor_parallel_size)
+
+    @classmethod
+    def build(
+        cls, dims: ParallelDims, timeout: timedelta, tower_layout: str = "adjacent"
+    ) -> VisionTensorParallelStrategy:
+        if dims.tensor_parallel is None:
+            return cls(timeout=timeout)  # the size Fabric picks: the devices of a node
+        return cls(dims.tensor_parallel, data_parallel_size=dims.data_parallel, timeout=timeout)
+
     def module_to_device(self, module: nn.Module) -> None:
         module.to(self.root_device)  # the replicated parts; the plan moves the sharded ones
 
-    @property
-    def data_parallel(self) -> tuple[int, int]:
+    def shard_split(self, rank: int, world_size: int) -> tuple[int, int]:
         mesh = self.device_mesh["data_parallel"]
         return mesh.get_local_rank(), mesh.size()
 

@@ -11,6 +11,9 @@ import torch
 from lightning.fabric.strategies import SingleDeviceStrategy
 from torch import nn
 
+from clip_fabric.strategies.base import InferenceStrategy
+from clip_fabric.topology import ParallelDims
+
 
 def place_towers(model: nn.Module, vision_device: torch.device, text_device: torch.device) -> None:
     """Move ``model.visual`` to ``vision_device`` and the rest to ``text_device``.
@@ -30,7 +33,7 @@ def _to_vision_device(module: nn.Module, args: tuple) -> tuple:
     return tuple(a.to(device, non_blocking=True) if isinstance(a, torch.Tensor) else a for a in args)
 
 
-class TowerParallelStrategy(SingleDeviceStrategy):
+class TowerParallelStrategy(InferenceStrategy, SingleDeviceStrategy):
     """One process, two devices: the first device given runs the vision tower, the last the text tower.
 
     Fabric hands the process its devices (``--devices 2``: ``cuda:0`` and ``cuda:1``); inputs go to the
@@ -39,9 +42,17 @@ class TowerParallelStrategy(SingleDeviceStrategy):
     plain single-device inference.
     """
 
+    splits_towers = True
+
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.parallel_devices: list[torch.device] | None = None  # filled in by Fabric's connector
+
+    @classmethod
+    def build(
+        cls, dims: ParallelDims, timeout: object, tower_layout: str = "adjacent"
+    ) -> TowerParallelStrategy:
+        return cls()  # one process: no collectives to time out
 
     @property
     def vision_device(self) -> torch.device:
@@ -52,7 +63,7 @@ class TowerParallelStrategy(SingleDeviceStrategy):
         return torch.device(self.parallel_devices[-1]) if self.parallel_devices else super().root_device
 
     def module_to_device(self, module: nn.Module) -> None:
-        model = getattr(module, "model", module)  # our Encoder wraps the open_clip model
+        model = getattr(module, "model", module)  # our Embedder wraps the open_clip model
         place_towers(model, self.vision_device, self.root_device)
 
     def setup_module(self, module: nn.Module) -> nn.Module:

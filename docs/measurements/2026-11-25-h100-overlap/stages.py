@@ -12,10 +12,10 @@ import time
 
 import open_clip
 import torch
+from clip_fabric.data.gpu import DeviceImageDecoder
 
 from clip_fabric.benchmark import synthetic_photo
 from clip_fabric.data.decode import CpuDecoder, pack_bytes
-from clip_fabric.data.gpu import DeviceImageDecoder
 
 BATCH, SETS = 1024, 4
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import defaultdict
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from clip_fabric.data.batch import Batch
 from clip_fabric.data.decode import CpuDecoder, ImageSpec
 
 log = logging.getLogger(__name__)
@@ -59,32 +61,27 @@ class DeviceImageDecoder:
         # that resizes it, so its memory comes back only once that resize has run.
         self.pool = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: Batch) -> Batch:
         """``batch`` with ``images`` on the device for all its rows; rows whose JPEG no decoder reads move
         to ``errors``. Queues work on the device without waiting for it (no host synchronisation beyond
         nvJPEG's own), so the batch before this one keeps the GPU busy meanwhile."""
-        if batch.get("jpeg_data") is None:
+        if batch.jpegs is None:
             return batch
-        rows = len(batch["rows"])
-        blobs = list(torch.split(batch["jpeg_data"], batch["jpeg_lengths"].tolist()))
+        blobs = list(torch.split(batch.jpegs.data, batch.jpegs.lengths.tolist()))
         decoded, failed = self._decode(blobs)
-        jpeg_rows = batch["jpeg_rows"].tolist()
+        jpeg_rows = batch.jpegs.rows.tolist()
         done = [i for i in range(len(blobs)) if i not in failed]
         resized = self._resize([decoded[i] for i in done]) if done else None
-        if batch["images"] is None and not failed:
+        if batch.images is None and not failed:
             images = resized  # every row a JPEG, in order: no scatter
         else:
-            images = torch.empty(rows, 3, *self.spec.crop, device=self.device)
-            if batch["images"] is not None:
-                images[self._index(batch["image_rows"])] = batch["images"].to(self.device, non_blocking=True)
+            images = torch.empty(len(batch.rows), 3, *self.spec.crop, device=self.device)
+            if batch.images is not None:
+                images[self._index(batch.image_rows)] = batch.images.to(self.device, non_blocking=True)
             if done:
                 images[self._index([jpeg_rows[i] for i in done])] = resized
-        out = {k: v for k, v in batch.items() if k not in ("jpeg_data", "jpeg_lengths", "jpeg_rows")}
-        out["images"] = images
-        out.pop("image_rows", None)
-        if failed:
-            out = self._drop(out, {jpeg_rows[i]: reason for i, reason in failed.items()})
-        return out
+        out = replace(batch, images=images, image_rows=None, jpegs=None)
+        return out.drop({jpeg_rows[i]: reason for i, reason in failed.items()}) if failed else out
 
     def _index(self, rows: list[int] | Tensor) -> Tensor:
         """Row positions on the device, copied without making the host wait for the device."""
@@ -151,16 +148,3 @@ class DeviceImageDecoder:
         for start in range(0, len(images), step):
             out[start : start + step] = self.spec.apply(torch.stack(images[start : start + step]))
         return out
-
-    def _drop(self, batch: dict, reasons: dict[int, str]) -> dict:
-        keep = [i for i in range(len(batch["rows"])) if i not in reasons]
-        index = torch.tensor(keep, dtype=torch.int64)
-        batch["errors"] = batch["errors"] + [
-            {"key": batch["rows"][i]["key"], "source": batch.get("source", ""), "reason": reason}
-            for i, reason in sorted(reasons.items())
-        ]
-        batch["rows"] = [batch["rows"][i] for i in keep]
-        batch["images"] = batch["images"][index.to(self.device)]
-        if batch["texts"] is not None:
-            batch["texts"] = batch["texts"][index]
-        return batch

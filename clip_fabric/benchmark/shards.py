@@ -1,0 +1,182 @@
+"""The benchmark's images: photo-like JPEGs from one generator, written as webdataset tar shards or as a
+folder of files, in a process pool, and cached so that a rerun reuses them."""
+
+from __future__ import annotations
+
+import io
+import math
+import multiprocessing
+import os
+import tarfile
+import time
+from pathlib import Path
+
+GENERATOR_VERSION = 1  # bump when the generated images change, so that cached shards are not reused
+JPEG_QUALITY = 90
+# Noise levels of the generated pictures: at quality 90 they give about 60-90 kB per 500x375 JPEG and
+# 250-350 kB per 1024x768 one, the sizes of web photos (~75 kB, ~310 kB).
+NOISE_SIGMAS = (7, 9, 11, 13)
+TARGET_SHARD_SIZE = 1000
+FOLDER_TASK = 500  # images per task of the folder generator's pool
+
+
+def synthetic_photo(index: int, size: tuple[int, int], quality: int = JPEG_QUALITY) -> bytes:
+    """A JPEG that compresses like a photo: a smooth random field of three octaves, upscaled, plus mild
+    noise (pure noise would be several times larger than a photo, a flat field several times smaller).
+    The same for a given index on every run."""
+    import numpy as np
+    from PIL import Image, ImageChops
+
+    rng = np.random.default_rng(index)
+    width, height = size
+    small = (max(width // 4, 2), max(height // 4, 2))
+    field = None
+    for scale, weight in ((16, 1.0), (4, 0.33), (1, 0.14)):
+        coarse = rng.integers(0, 256, size=(max(small[1] // scale, 2), max(small[0] // scale, 2), 3))
+        layer = Image.fromarray(coarse.astype(np.uint8))
+        layer = layer.resize(small, Image.BICUBIC) if layer.size != small else layer
+        field = layer if field is None else Image.blend(field, layer, weight)
+    image = field.resize(size, Image.BICUBIC)
+    sigma = NOISE_SIGMAS[int(rng.integers(len(NOISE_SIGMAS)))]
+    x, y = (int(v) for v in rng.integers(0, 256, 2))
+    image = ImageChops.add(image, _noise(size, sigma).crop((x, y, x + width, y + height)), 1.0, -128)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+_NOISE: dict = {}
+
+
+def _noise(size: tuple[int, int], sigma: int):
+    """Gaussian noise around 128, 256 pixels larger than ``size`` each way; made once per process."""
+    if (size, sigma) not in _NOISE:
+        import numpy as np
+        from PIL import Image
+
+        rng = np.random.default_rng(sigma)
+        values = rng.normal(128, sigma, size=(size[1] + 256, size[0] + 256, 3))
+        _NOISE[size, sigma] = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))
+    return _NOISE[size, sigma]
+
+
+def shard_layout(num_images: int, shard_size: int | None, workers: int) -> tuple[int, int]:
+    """(shards, images per shard) for at least ``num_images`` images. Without an explicit size, the
+    number of shards is a multiple of ``workers`` (every DataLoader worker of every run gets the same
+    number of shards, so none idles while another finishes) and shards hold about 1,000 images."""
+    if shard_size is not None:
+        return math.ceil(num_images / shard_size), shard_size
+    rounds = max(1, num_images // (workers * TARGET_SHARD_SIZE))
+    shards = workers * rounds
+    return shards, max(1, math.ceil(num_images / shards))
+
+
+def _write_shard(task: tuple[str, int, int, int, int]) -> int:
+    """Write shard ``index`` (images ``index*count ..``) as a tar, atomically; returns its JPEG bytes."""
+    folder, index, count, width, height = task
+    path = Path(folder) / f"{index:06d}.tar"
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    jpeg_bytes = 0
+    with tarfile.open(tmp, "w") as tar:
+        for i in range(index * count, (index + 1) * count):
+            jpeg = synthetic_photo(i, (width, height))
+            jpeg_bytes += len(jpeg)
+            caption = f"a synthetic photo number {i}, {width}x{height}".encode()
+            for ext, data in (("jpg", jpeg), ("txt", caption)):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+    tmp.rename(path)
+    return jpeg_bytes
+
+
+def _write_files(task: tuple[str, list[int], int, int]) -> int:
+    """Write the JPEGs ``indices`` into a folder, each atomically; returns their bytes."""
+    folder, indices, width, height = task
+    total = 0
+    for i in indices:
+        path = Path(folder) / f"{i:09d}.jpg"
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        jpeg = synthetic_photo(i, (width, height))
+        tmp.write_bytes(jpeg)
+        tmp.rename(path)
+        total += len(jpeg)
+    return total
+
+
+def _generate(worker, tasks: list, what: str) -> None:
+    """Run the generator tasks in a process pool of the machine's CPUs."""
+    processes = min(len(tasks), max(1, os.cpu_count() or 1))
+    print(f"clip_fabric benchmark: generating {what} ({processes} processes)", flush=True)
+    with multiprocessing.get_context().Pool(processes) as pool:
+        for _ in pool.imap_unordered(worker, tasks):
+            pass
+
+
+def make_dataset(
+    work: Path, size: tuple[int, int], num_images: int, shard_size: int | None, workers: int
+) -> dict:
+    """The tar shards of one image size, generated where missing, else reused; ``workers`` is the
+    shard-count granularity when ``shard_size`` is None (see ``shard_layout``)."""
+    shards, per_shard = shard_layout(num_images, shard_size, workers)
+    folder = work / "shards" / f"{size[0]}x{size[1]}-s{per_shard}-q{JPEG_QUALITY}-v{GENERATOR_VERSION}"
+    folder.mkdir(parents=True, exist_ok=True)
+    missing = [i for i in range(shards) if not (folder / f"{i:06d}.tar").is_file()]
+    start = time.perf_counter()
+    if missing:
+        what = f"{len(missing) * per_shard} {size[0]}x{size[1]} JPEGs in {len(missing)} shards into {folder}"
+        _generate(_write_shard, [(str(folder), i, per_shard, *size) for i in missing], what)
+    for stale in folder.glob("*.tmp*"):  # left by an interrupted generation
+        stale.unlink(missing_ok=True)
+    with tarfile.open(folder / "000000.tar") as tar:
+        jpeg_sizes = [m.size for m in tar.getmembers() if m.name.endswith(".jpg")]
+    return {
+        "image_size": f"{size[0]}x{size[1]}",
+        "input": "webdataset",
+        "dir": str(folder),
+        "shards": shards,
+        "shard_size": per_shard,
+        "images": shards * per_shard,
+        "mean_jpeg_kb": round(sum(jpeg_sizes) / len(jpeg_sizes) / 1000, 1),
+        "gb_on_disk": round(sum((folder / f"{i:06d}.tar").stat().st_size for i in range(shards)) / 1e9, 3),
+        "generated_s": round(time.perf_counter() - start, 1) if missing else None,
+        "generated_shards": len(missing),
+    }
+
+
+def make_folder(work: Path, size: tuple[int, int], num_images: int, workers: int) -> dict:
+    """A folder of ``num_images`` JPEG files of one size (no captions, as a folder of photos is), from
+    the shards' generator: image ``i`` is the shards' image ``i``. ``shard_size`` is what the tuned
+    ``predict`` runs pass as ``--data.shard_size``: a multiple of ``workers`` shards, as for tar shards."""
+    name = f"{size[0]}x{size[1]}-n{num_images}-q{JPEG_QUALITY}-v{GENERATOR_VERSION}"
+    folder = work / "folders" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    missing = [i for i in range(num_images) if not (folder / f"{i:09d}.jpg").is_file()]
+    start = time.perf_counter()
+    if missing:
+        chunks = [missing[i : i + FOLDER_TASK] for i in range(0, len(missing), FOLDER_TASK)]
+        what = f"{len(missing)} {size[0]}x{size[1]} JPEG files into {folder}"
+        _generate(_write_files, [(str(folder), chunk, *size) for chunk in chunks], what)
+    for stale in folder.glob("*.tmp*"):
+        stale.unlink(missing_ok=True)
+    file_bytes = sum((folder / f"{i:09d}.jpg").stat().st_size for i in range(num_images))
+    _, per_shard = shard_layout(num_images, None, workers)
+    return {
+        "image_size": f"{size[0]}x{size[1]}",
+        "input": "folder",
+        "dir": str(folder),
+        "shards": math.ceil(num_images / per_shard),
+        "shard_size": per_shard,
+        "images": num_images,
+        "mean_jpeg_kb": round(file_bytes / num_images / 1000, 1),
+        "gb_on_disk": round(file_bytes / 1e9, 3),
+        "generated_s": round(time.perf_counter() - start, 1) if missing else None,
+        "generated_images": len(missing),
+    }
+
+
+def shard_pattern(data: dict, shards: int) -> str:
+    """The first ``shards`` shards of a data set as a brace pattern, as ``--data.source`` takes it."""
+    if shards == 1:
+        return f"{data['dir']}/000000.tar"
+    return f"{data['dir']}/{{000000..{shards - 1:06d}}}.tar"
