@@ -1,6 +1,8 @@
 """Command line: ``python -m clip_fabric COMMAND --config file.yaml --group.option value``.
 
-Each command is a typed function; jsonargparse turns its signature and docstring into the CLI.
+Each command is a typed function; jsonargparse turns its signature and docstring into the CLI. Exit
+status: 0 done, 1 a one-line error, 2 a command-line error; ``predict`` also 3 (nothing embedded) and
+75 (shards left: rerun to resume), see docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import sys
 from jsonargparse import CLI, set_parsing_settings
 
 from clip_fabric import benchmark, doctor, evaluate, predict, verify_precision
+from clip_fabric.run_folder import exit_status
 
 COMMANDS = {
     "predict": predict.setup,
@@ -26,10 +29,29 @@ def main(args: list[str] | None = None) -> None:
     logging.getLogger("clip_fabric").setLevel(logging.INFO)
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings become --help text
     try:
-        CLI(COMMANDS, args=args, as_positional=False)
-    except (ValueError, RuntimeError) as err:
-        # Configuration errors found after parsing (unknown model, unreadable source, ...): one line.
+        result = CLI(COMMANDS, args=args, as_positional=False)
+    except (ValueError, RuntimeError, OSError) as err:
+        # Configuration errors found after parsing (unknown model, unreadable source, ...) and a full
+        # disk or unwritable output: one line.
         sys.exit(f"clip_fabric: error: {err}")
+    if _command(args) == "predict" and isinstance(result, dict) and _global_rank() == 0:
+        code, message = exit_status(result)
+        if code:
+            print(f"clip_fabric: {message}", file=sys.stderr)
+            sys.exit(code)
+
+
+def _command(args: list[str] | None) -> str | None:
+    return next((a for a in (sys.argv[1:] if args is None else args) if a in COMMANDS), None)
+
+
+def _global_rank() -> int:
+    """Only rank 0 exits with predict's status: every rank holds the same summary, and a rank that
+    exits non-zero first makes Fabric's launcher (or ``srun --kill-on-bad-exit``) kill rank 0 before
+    it has written summary.json or asked SLURM to requeue the job."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 if __name__ == "__main__":

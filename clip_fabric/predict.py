@@ -6,12 +6,9 @@ source -> decode (DataLoader workers) -> batch -> device -> encode -> write.
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from lightning.fabric import Fabric
@@ -27,13 +24,13 @@ from clip_fabric.modes import MODES, Mode, ModeName
 from clip_fabric.precision import resolve_precision
 from clip_fabric.preemption import StopRequest, requeue_slurm_job
 from clip_fabric.progress import Progress
+from clip_fabric.run_folder import RunFolder, fingerprint
 from clip_fabric.strategies import hooks, strategy_class
 from clip_fabric.topology import TowerLayout
-from clip_fabric.writers import DONE_DIR, EMBEDDING_DIRS, ShardWriter, done_shards
+from clip_fabric.writers import ShardWriter
 from clip_fabric.zeroshot import load_class_names, load_templates, sharded_classifier
 
 log = logging.getLogger(__name__)
-RUN_FILE = "run.json"
 
 
 @dataclass
@@ -103,7 +100,7 @@ def setup(
     check_model(model)
     source = build_source(data, text_only=not job_mode.reads_images)
     run = {
-        "fingerprint": _fingerprint(model, data, output, mode, resolve_precision(precision, accelerator))
+        "fingerprint": fingerprint(model, data, output, mode, resolve_precision(precision, accelerator))
         | {"threshold": threshold, "zeroshot": asdict(zeroshot) if job_mode.labels else None},
         "config": {
             "model": asdict(model),
@@ -120,12 +117,18 @@ def setup(
             "zeroshot": asdict(zeroshot),
         },
     }
-    _check_output_dir(Path(output.dir), run["fingerprint"], output.overwrite)
+    folder = RunFolder(output.dir)
     fabric = build_fabric(
         accelerator, devices, num_nodes, strategy, precision, tf32, timeout_s, tower_layout,
         tensor_parallel_size,
     )  # fmt: skip
-    return fabric.launch(main, Job(source, model, data, output, job_mode, threshold, zeroshot, run, started))
+    # Rank 0 holds the folder from here to its end; the ranks that Fabric's launch starts run setup too.
+    with folder.lock(take=fabric.global_rank == 0):
+        folder.check(run, source, output.overwrite)
+        if fabric.global_rank == 0:  # before any process group: a failure here (full disk) ends at once
+            folder.start(run, output.overwrite)
+        job = Job(source, model, data, output, job_mode, threshold, zeroshot, run, started)
+        return fabric.launch(main, job)
 
 
 def main(fabric: Fabric, job: Job) -> dict:
@@ -134,13 +137,11 @@ def main(fabric: Fabric, job: Job) -> dict:
     action, which fails the other ranks in their collectives."""
     die_with_launcher(fabric.local_rank)
     with StopRequest() as stop:
-        out_dir, strategy = Path(job.output.dir), hooks(fabric.strategy)
-        if fabric.global_rank == 0:
-            _start_output_dir(out_dir, job.run, job.output.overwrite)
+        folder, strategy = RunFolder(job.output.dir), hooks(fabric.strategy)
         fabric.barrier()
         model, preprocess, tokenizer = load_model(job.model)
         embedder, class_names = _build_embedder(fabric, job, model, tokenizer)
-        shards, mine, left = _shards(job.source, out_dir, strategy, fabric)
+        shards, mine, left = _shards(job.source, folder, strategy, fabric)
         local_ranks = fabric.world_size // job.run["config"]["num_nodes"]
         _warn_idle_workers(fabric, job, shards, resolve_num_workers(job.data.num_workers, local_ranks))
         decode = (
@@ -153,7 +154,7 @@ def main(fabric: Fabric, job: Job) -> dict:
             job.source, mine, preprocess, tokenizer, job.data, embedder.max_batch, fabric.device, decode,
             job.mode, local_ranks,
         )  # fmt: skip
-        writer = ShardWriter(out_dir, len(shards), job.output.dtype, enabled=strategy.writes)
+        writer = ShardWriter(job.output.dir, len(shards), job.output.dtype, enabled=strategy.writes)
         progress = Progress(fabric.global_rank, left, "samples", strategy.writes)
         stopping = lambda: strategy.agree_to_stop(bool(stop))  # noqa: E731
         with torch.inference_mode(), strategy.partner_session(embedder.module):
@@ -164,7 +165,7 @@ def main(fabric: Fabric, job: Job) -> dict:
                 progress.add(len(finished.rows), len(batch.errors), finished.filtered, latency)
         writer.close()
         progress.close()
-        return _finish(fabric, job, out_dir, len(shards), progress, embedder.max_batch, decode, bool(stop))
+        return _finish(fabric, job, folder, len(shards), progress, embedder.max_batch, decode, bool(stop))
 
 
 def _build_embedder(
@@ -188,12 +189,12 @@ def _build_embedder(
 
 
 def _shards(
-    source: Source, out_dir: Path, strategy, fabric: Fabric
+    source: Source, folder: RunFolder, strategy, fabric: Fabric
 ) -> tuple[list[Shard], list[Shard], int | None]:
     """All shards of the job; those this rank computes (its split, less the ones already done); and the
     samples left in the whole job, where the listing knows them (tar shards are counted once read)."""
     shards = source.shards()
-    done = done_shards(out_dir)
+    done = folder.done_shards()
     todo = [s for s in shards if s.index not in done]
     split = strategy.shard_split(fabric.global_rank, fabric.world_size)
     mine = [s for s in shards[split[0] :: split[1]] if s.index not in done] if split else []
@@ -217,7 +218,7 @@ def _warn_idle_workers(fabric: Fabric, job: Job, shards: list[Shard], workers: i
 def _finish(
     fabric: Fabric,
     job: Job,
-    out_dir: Path,
+    folder: RunFolder,
     num_shards: int,
     progress: Progress,
     batch_size: int,
@@ -238,7 +239,7 @@ def _finish(
     rows = int(counts[0])
     fabric.barrier()
     seconds = end - job.started
-    summary = _summarize(out_dir, job.run, num_shards, rows, int(counts[1]), seconds, fabric.world_size)
+    summary = folder.summarize(job.run, num_shards, rows, int(counts[1]), seconds, fabric.world_size)
     first = progress.first_batch_at
     summary["this_run"] |= {
         "batch_size": batch_size,
@@ -251,73 +252,15 @@ def _finish(
         else None,
     }
     if fabric.global_rank == 0:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        folder.write_summary(summary)
         if counts[4] and summary["shards_done"] < summary["shards_total"] and not requeue_slurm_job():
             fabric.print("clip_fabric: stopped on a signal; rerun the same command to resume")
     fabric.print(
         f"clip_fabric: {summary['rows']} rows, {summary['errors']} skipped samples (errors/), "
         + (f"{summary['filtered']} pairs under --threshold, " if summary["filtered"] else "")
-        + f"{summary['shards_done']}/{summary['shards_total']} shards in {out_dir}; this run {rows} rows "
+        + f"{summary['shards_done']}/{summary['shards_total']} shards in {job.output.dir}; "
+        f"this run {rows} rows "
         f"in {seconds:.1f} s ({summary['this_run']['samples_per_s'] or 0:.1f} samples/s) on "
         f"{fabric.world_size} rank(s)"
     )
-    return summary
-
-
-def _fingerprint(model: ModelArgs, data: DataArgs, output: OutputArgs, mode: str, precision: str) -> dict:
-    """What must not change between a run and its resumption: anything that changes the rows written."""
-    return {
-        "model": asdict(model) | {"cache_dir": None},
-        # How fast, not what: the share of JPEGs the CPU takes beside the GPU decoder changes no row.
-        "data": {
-            k: v
-            for k, v in asdict(data).items()
-            if k not in ("batch_size", "num_workers", "cpu_decode_share")
-        },
-        "mode": mode,
-        "precision": precision,
-        "dtype": output.dtype,
-    }
-
-
-def _check_output_dir(out_dir: Path, fingerprint: dict, overwrite: bool) -> None:
-    run_file = out_dir / RUN_FILE
-    if overwrite or not run_file.is_file():
-        return
-    before = json.loads(run_file.read_text())["fingerprint"]
-    if before != json.loads(json.dumps(fingerprint)):
-        changed = sorted(k for k in fingerprint if before.get(k) != json.loads(json.dumps(fingerprint[k])))
-        raise ValueError(
-            f"{out_dir} holds a run with a different {', '.join(changed)}: resume it with the same settings, "
-            "choose another --output.dir, or pass --output.overwrite true to start again"
-        )
-
-
-def _start_output_dir(out_dir: Path, run: dict, overwrite: bool) -> None:
-    if overwrite:
-        for sub in (*EMBEDDING_DIRS.values(), "metadata", "errors", DONE_DIR):
-            shutil.rmtree(out_dir / sub, ignore_errors=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / RUN_FILE).write_text(json.dumps(run, indent=2, default=str))
-
-
-def _summarize(
-    out_dir: Path, run: dict, num_shards: int, rows: int, errors: int, seconds: float, world_size: int
-) -> dict:
-    done = done_shards(out_dir)
-    summary = {
-        "rows": sum(r["rows"] for r in done.values()),
-        "errors": sum(r["errors"] for r in done.values()),
-        "filtered": sum(r.get("filtered", 0) for r in done.values()),
-        "shards_done": len(done),
-        "shards_total": num_shards,
-        "this_run": {
-            "rows": rows,
-            "errors": errors,
-            "seconds": round(seconds, 3),
-            "samples_per_s": round(rows / seconds, 1) if seconds > 0 else None,
-            "world_size": world_size,
-        },
-        "config": run["config"],
-    }
     return summary

@@ -5,27 +5,29 @@ For input shard N (zero-padded to the width of the shard count) a complete outpu
     img_emb/img_emb_N.npy   text_emb/text_emb_N.npy   metadata/metadata_N.parquet
     errors/errors_N.parquet (only if some samples failed)   _done/N.json (written last)
 
-Every file goes to a temporary name first and is renamed into place, and ``_done/N.json`` is renamed
-last, so a shard either has its done marker and all its files, or it is redone on the next run.
+Only the folders of what a mode writes exist (an empty ``text_emb/`` makes clip-retrieval's index
+fail). Every file is put whole through the run folder (a temporary name renamed into place on a local
+disk, a whole object on a store), and ``_done/N.json`` goes last, so a shard either has its done marker
+and all its files, or it is redone on the next run.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clip_fabric.modes import Finished
+from clip_fabric.run_folder import DONE_DIR, EMBEDDING_DIRS, RunFolder
 
-EMBEDDING_DIRS = {"image": "img_emb", "text": "text_emb"}
-DONE_DIR = "_done"
+__all__ = ["DONE_DIR", "EMBEDDING_DIRS", "ShardWriter", "done_shards", "shard_name"]
 
 
 @dataclass
@@ -41,12 +43,8 @@ def shard_name(index: int, num_shards: int) -> str:
 
 
 def done_shards(out_dir: str | os.PathLike) -> dict[int, dict]:
-    """Done records of the shards completed in ``out_dir`` so far, by shard index."""
-    done = {}
-    for path in sorted((Path(out_dir) / DONE_DIR).glob("*.json")):
-        record = json.loads(path.read_text())
-        done[record["shard"]] = record
-    return done
+    """Done records of the shards completed in ``out_dir`` (a path or URL) so far, by shard index."""
+    return RunFolder(out_dir).done_shards()
 
 
 class ShardWriter:
@@ -59,15 +57,14 @@ class ShardWriter:
         dtype: str = "float16",
         enabled: bool = True,
     ) -> None:
-        self.out_dir = Path(out_dir)
+        self.folder = RunFolder(out_dir)  # a path or an fsspec URL
         self.enabled = enabled  # a rank whose group-mate writes the same rows keeps only the bookkeeping
         self.num_shards = num_shards
         self.dtype = np.dtype(dtype)
-        for sub in (*EMBEDDING_DIRS.values(), "metadata", "errors", DONE_DIR):
-            (self.out_dir / sub).mkdir(parents=True, exist_ok=True)
         self._open: dict[int, _ShardRows] = defaultdict(_ShardRows)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self._writes: list[Future] = []
+        self._failed = False  # after a failed write (a full disk) the queued shards are left for the rerun
 
     def add(self, shard: int, source: str, finished: Finished, errors: list[dict], last: bool) -> None:
         """Add one batch to its shard: its finished rows and embeddings (``clip_fabric.modes``) and the
@@ -100,16 +97,21 @@ class ShardWriter:
             self._writes.remove(future)
 
     def _write(self, shard: int, source: str, buffer: _ShardRows) -> None:
-        if not self.enabled:
+        if not self.enabled or self._failed:
             return
+        try:
+            self._put_shard(shard, source, buffer)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def _put_shard(self, shard: int, source: str, buffer: _ShardRows) -> None:
         name = shard_name(shard, self.num_shards)
         for tower, sub in EMBEDDING_DIRS.items():
             arrays = buffer.embeddings.get(tower)
-            self._replace(
-                self.out_dir / sub / f"{sub}_{name}.npy", np.concatenate(arrays) if arrays else None
-            )
-        self._replace(self.out_dir / "metadata" / f"metadata_{name}.parquet", _table(buffer.rows))
-        self._replace(self.out_dir / "errors" / f"errors_{name}.parquet", _table(buffer.errors))
+            self._replace(f"{sub}/{sub}_{name}.npy", np.concatenate(arrays) if arrays else None)
+        self._replace(f"metadata/metadata_{name}.parquet", _table(buffer.rows))
+        self._replace(f"errors/errors_{name}.parquet", _table(buffer.errors))
         record = {
             "shard": shard,
             "source": source,
@@ -117,25 +119,21 @@ class ShardWriter:
             "errors": len(buffer.errors),
             "filtered": buffer.filtered,
         }
-        self._replace(self.out_dir / DONE_DIR / f"{name}.json", record)
+        self._replace(f"{DONE_DIR}/{name}.json", record)
 
-    @staticmethod
-    def _replace(path: Path, content: np.ndarray | pa.Table | dict | None) -> None:
-        """Atomically put ``content`` at ``path``; ``None`` removes what an interrupted run left there."""
+    def _replace(self, relpath: str, content: np.ndarray | pa.Table | dict | None) -> None:
+        """Atomically put ``content`` at ``relpath``; ``None`` removes what an interrupted run left there."""
         if content is None:
-            path.unlink(missing_ok=True)
+            self.folder.remove(relpath)
             return
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            if isinstance(content, np.ndarray):
-                np.save(f, content)
-            elif isinstance(content, pa.Table):
-                pq.write_table(content, f)
-            else:
-                f.write(json.dumps(content).encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        if isinstance(content, np.ndarray):
+            np.save(buf, content)
+        elif isinstance(content, pa.Table):
+            pq.write_table(content, buf)
+        else:
+            buf.write(json.dumps(content).encode())
+        self.folder.put(relpath, buf.getvalue())
 
 
 def _table(rows: list[dict]) -> pa.Table | None:
@@ -143,8 +141,14 @@ def _table(rows: list[dict]) -> pa.Table | None:
     gives no file, since zero-row files trip readers such as embedding-reader."""
     if not rows:
         return None
-    columns = {name: [row.get(name) for row in rows] for name in rows[0]}
-    return pa.table({name: pa.array(values, _column_type(values[0])) for name, values in columns.items()})
+    names = dict.fromkeys(name for row in rows for name in row)  # every row's columns (.json fields differ)
+    columns = {name: [row.get(name) for row in rows] for name in names}
+    return pa.table(
+        {
+            name: pa.array(values, _column_type(next((v for v in values if v is not None), None)))
+            for name, values in columns.items()
+        }
+    )
 
 
 def _column_type(value: object) -> pa.DataType:

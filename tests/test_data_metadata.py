@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pandas as pd
-import pytest
 from conftest import jpeg_bytes, read_output, write_tar
 from test_predict import predict
 
@@ -50,11 +49,6 @@ def test_webdataset_metadata_has_image_path_and_json_fields(tmp_path, tiny_confi
     assert list(rows["caption"]) == [f"caption {i}" for i in range(3)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="writers.py _table takes a shard's columns from its first row: the lead applies the union "
-    "of the rows' columns (see the rel branch's report); then remove this mark",
-)
 def test_json_fields_that_differ_between_rows_all_become_columns(tmp_path, tiny_config):
     fields = [{"url": "u0"}, {"url": "u1", "width": 7}, {"url": "u2"}]
     data = DataArgs(format="webdataset", source=wds_with_json(tmp_path, fields), num_workers=0)

@@ -40,6 +40,11 @@ class Source(Protocol):
 
     def samples(self, shard: Shard) -> Iterator[RawSample]: ...
 
+    def members(self, shard: Shard) -> list[str]:
+        """What decides the shard's samples (paths, list rows, a tar's identity), for the run folder's
+        stored plan: a rerun whose done shards list other members is refused."""
+        ...
+
 
 def build_source(args: DataArgs, text_only: bool = False) -> Source:
     """The source for ``args.format``; ``text_only`` sources skip reading image bytes."""

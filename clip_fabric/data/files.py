@@ -117,6 +117,14 @@ class FileListSource:
                 self.bad.setdefault(row, f"row {row}, column {column!r}: {err}")
         return texts
 
+    def members(self, shard: Shard) -> list[str]:
+        images = self.images[shard.start : shard.stop] if self.images is not None else None
+        captions = self.captions[shard.start : shard.stop] if self.captions is not None else None
+        return [
+            f"{images[i] if images is not None else ''}\t{captions[i] if captions is not None else ''}"
+            for i in range(shard.stop - shard.start)
+        ]
+
 
 def _cell(value: object) -> str | None:
     """A list's value as text; ``ValueError`` for bytes that are not UTF-8."""

@@ -123,3 +123,6 @@ class FolderSource:
             return read_bytes(path)
         except OSError as err:
             raise OSError(f"unreadable file {path}: {err.strerror or err}") from None
+
+    def members(self, shard: Shard) -> list[str]:
+        return self.paths[shard.start : shard.stop]

@@ -43,3 +43,6 @@ class SyntheticSource:
         for i in range(shard.start, shard.stop):
             image = None if self.text_only else synthetic_jpeg(i, self.image_size)
             yield RawSample(f"{i:09d}", image, f"a synthetic picture number {i}")
+
+    def members(self, shard: Shard) -> list[str]:
+        return [f"{i:09d}" for i in range(shard.start, shard.stop)]

@@ -155,6 +155,16 @@ class WebDatasetSource:
             fields["label"] = text(sample["cls"], f"label {sample['__key__']}.cls")
         return fields
 
+    def members(self, shard: Shard) -> list[str]:
+        """The tar's URL, and its size and mtime when it is a local file (a tar rewritten in place)."""
+        if "://" in shard.name or shard.name.startswith("pipe:"):
+            return [shard.name]
+        try:
+            stat = Path(shard.name).stat()
+        except OSError:
+            return [shard.name, "missing"]
+        return [shard.name, str(stat.st_size), str(stat.st_mtime_ns)]
+
 
 def _is_file_name(url: str, listed: bool) -> bool:
     """Whether ``url`` is a local path: any name found by listing, and written ones with no scheme."""
