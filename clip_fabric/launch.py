@@ -26,8 +26,8 @@ LAUNCH_OPTIONS: dict[str, str] = {
     "precision": "``auto`` (the fastest precision measured within the fidelity bound on this "
     "GPU, reason printed: ``bf16-true`` on bf16 GPUs, ``16-mixed`` on V100/T4, ``32-true`` on the CPU), "
     "``32-true``, ``16-mixed`` / ``16-true`` (fp16, LayerNorms and final projections kept in fp32), "
-    "``bf16-mixed``, ``bf16-true`` or ``fp8`` (H100/Ada with transformer-engine or torchao); see "
-    "docs/precision.md.",
+    "``bf16-mixed``, ``bf16-true`` or ``fp8`` (Transformer Engine on Ada/Hopper: 1.17-1.29x bf16-true's "
+    "images/s for ViT-L/H/bigG-14 on an H200, at image cosine 0.997-0.9985 to fp32); see docs/precision.md.",
     "tf32": "Let float32 matrix products use TF32 tensor cores (Ampere and newer).",
     "timeout_s": "Seconds a rank waits for the others in a collective before failing, so that a dead rank "
     "stops the job instead of hanging it; a rerun resumes.",

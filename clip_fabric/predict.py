@@ -157,14 +157,13 @@ def main(fabric: Fabric, job: Job) -> dict:
         writer = ShardWriter(job.output.dir, len(shards), job.output.dtype, enabled=strategy.writes)
         progress = Progress(fabric.global_rank, left, "samples", strategy.writes)
         stopping = lambda: strategy.agree_to_stop(bool(stop))  # noqa: E731
-        with torch.inference_mode(), strategy.partner_session(embedder.module):
-            shards_begun = lambda: writer.open_shards  # noqa: E731
+        shards_begun = lambda: writer.open_shards  # noqa: E731
+        with progress, torch.inference_mode(), strategy.partner_session(embedder.module):
             for batch, outputs, latency in encode_in_order(batches, embedder, stopping, shards_begun):
                 finished = job.mode.finish(batch.rows, outputs, job.threshold, class_names)
                 writer.add(batch.shard, batch.source, finished, batch.errors, batch.last)
                 progress.add(len(finished.rows), len(batch.errors), finished.filtered, latency)
         writer.close()
-        progress.close()
         return _finish(fabric, job, folder, len(shards), progress, embedder.max_batch, decode, bool(stop))
 
 

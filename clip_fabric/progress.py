@@ -46,6 +46,13 @@ class Progress:
         if now - self._last_report >= _REPORT_EVERY_S:
             self._report(now)
 
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Close the bar however the loop ends, so an error's line starts a line of its own."""
+        self.close()
+
     def close(self) -> None:
         self._report(time.perf_counter())
         self._bar.close()

@@ -1,5 +1,5 @@
 """The run folder's one owner: what a run is (its fingerprint and shard plan), whether a rerun may resume
-it, who holds it (the lock), which shards are done, the summary and the exit status.
+it, who holds it (``run_lock``), which shards are done, the summary and the exit status.
 
 Everything is read and written through fsspec, so ``--output.dir`` may be a local path or a URL
 (``file://``, ``s3://``, ``gs://``, ``memory://``, ...). A local folder gets temporary names, fsync and
@@ -10,22 +10,19 @@ written last by the writer, so a shard without one is redone.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import socket
-import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, suppress
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from clip_fabric.run_lock import hold
 
 if TYPE_CHECKING:
     from clip_fabric.config import DataArgs, ModelArgs, OutputArgs
@@ -218,84 +215,9 @@ class RunFolder:
         if moved:
             log.warning("input changed in shards not done yet (%s): they are embedded as now listed", moved)
 
-    @contextmanager
-    def lock(self, take: bool = True) -> Iterator[None]:
-        """Hold the folder for this run (``take`` is False on every rank but 0). A folder held by a live
-        run is refused with a one-line error naming its host and PID; a lock left by a dead process is
-        taken over. Local folders use ``flock`` (freed by the kernel when the holder dies, on any
-        host that shares the file system's locks); object stores a lock object, best effort."""
-        if not take:
-            yield
-            return
-        release = self._flock() if self.local else None
-        if release is None:
-            release = self._lock_object()
-        try:
-            yield
-        finally:
-            release()
-
-    def _flock(self) -> Callable[[], None] | None:
-        os.makedirs(self.root, exist_ok=True)
-        path = self.path(LOCK_FILE)
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise RuntimeError(self._busy(_read_holder(path, retries=20))) from None
-            except OSError:  # a file system without flock: fall back to a lock file
-                os.close(fd)
-                return None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)  # the holder released (removed) the file between our open and our flock
-        left = _read_holder(path)
-        if left:
-            log.warning("%s: taking over the lock left by %s, which is gone", self.url, _describe(left))
-        with suppress(OSError):  # the holder's name is for messages only: a full disk must not stop here
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(_holder()).encode(), 0)
-
-        def release() -> None:
-            with suppress(FileNotFoundError):
-                os.unlink(path)  # before unlocking: a run that opened it meanwhile sees another inode
-            os.close(fd)
-
-        return release
-
-    def _lock_object(self) -> Callable[[], None]:
-        """A lock object for stores without flock: check, write, read back. Not atomic: two runs that
-        start within the store's write latency may both proceed (docs/reliability.md)."""
-        path = self.path(LOCK_FILE)
-        if self.fs.exists(path):
-            holder = _read_store_holder(self.fs, path)
-            if holder and holder.get("host") == socket.gethostname() and not _alive(holder.get("pid")):
-                log.warning("%s: taking over the lock left by %s, which is gone", self.url, _describe(holder))
-            else:
-                raise RuntimeError(self._busy(holder, path))
-        mine = json.dumps(_holder() | {"token": uuid.uuid4().hex}).encode()
-        self.fs.pipe_file(path, mine)
-        if self.fs.cat_file(path) != mine:
-            raise RuntimeError(self._busy(_read_store_holder(self.fs, path), path))
-
-        def release() -> None:
-            if self.fs.exists(path) and self.fs.cat_file(path) == mine:
-                self.fs.rm(path)
-
-        return release
-
-    def _busy(self, holder: dict | None, stale_path: str | None = None) -> str:
-        hint = f"; if that run is dead (another host), delete {stale_path}" if stale_path else ""
-        return (
-            f"{self.url} is in use by another run ({_describe(holder)}): wait for it to end, "
-            f"or choose another --output.dir{hint}"
-        )
+    def lock(self, take: bool = True) -> AbstractContextManager:
+        """Hold the folder for this run (``take`` is False on every rank but 0): ``run_lock.hold``."""
+        return hold(self.url, self.fs, self.path(LOCK_FILE), self.local, take)
 
     def start(self, run: dict, overwrite: bool) -> None:
         """Rank 0, before any shard: clear the folder if ``overwrite``, record the run and its plan."""
@@ -376,47 +298,3 @@ def exit_status(summary: dict) -> tuple[int, str | None]:
             f"every sample failed ({summary['errors']} recorded in errors/): nothing was embedded"
         )
     return 0, None
-
-
-def _holder() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
-def _describe(holder: dict | None) -> str:
-    if not holder:
-        return "holder unknown"
-    return f"host {holder.get('host')}, pid {holder.get('pid')}, since {holder.get('since')}"
-
-
-def _read_holder(path: str, retries: int = 0) -> dict | None:
-    """The holder a local lock file names; the winner of a race writes it just after its flock."""
-    for attempt in range(retries + 1):
-        try:
-            holder = json.loads(Path(path).read_bytes())
-            if isinstance(holder, dict):
-                return holder
-        except (OSError, ValueError):
-            pass
-        if attempt < retries:
-            time.sleep(0.05)
-    return None
-
-
-def _read_store_holder(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:
-    try:
-        holder = json.loads(fs.cat_file(path))
-    except (OSError, ValueError):
-        return None
-    return holder if isinstance(holder, dict) else None
-
-
-def _alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -108,6 +108,6 @@ def test_error_with_workers_alive_exits_within_seconds(tmp_path, tiny_config, de
             pass
     assert proc.returncode != 0
     assert exited - float(failed_at.read_text()) < 30, "the failed run took more than 30 s to exit"
-    assert "OSError: [Errno 28] No space left on device (injected)" in output
+    assert "clip_fabric: error: [Errno 28] No space left on device (injected)" in output  # one line
     assert "is killed by signal" not in output  # the reaped workers add no second, misleading error
     assert len(list((tmp_path / "out" / "_done").glob("*.json"))) < 26

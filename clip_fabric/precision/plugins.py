@@ -42,7 +42,19 @@ class Fp32Precision(Precision):
         return tf32_matmuls(self.tf32)
 
 
-class Fp32NormsMixedPrecision(MixedPrecision):
+class _Tf32Scope:
+    """Mixed into a half-precision plugin: its forward context also scopes ``self.tf32``."""
+
+    tf32: bool
+
+    def forward_context(self) -> AbstractContextManager:
+        stack = ExitStack()
+        stack.enter_context(tf32_matmuls(self.tf32))
+        stack.enter_context(super().forward_context())
+        return stack
+
+
+class Fp32NormsMixedPrecision(_Tf32Scope, MixedPrecision):
     """``16-mixed``/``bf16-mixed`` for inference: autocast, with every LayerNorm and the final
     projections computed in float32 (their weights stay float32; autocast is off inside them)."""
 
@@ -56,15 +68,8 @@ class Fp32NormsMixedPrecision(MixedPrecision):
         keep_fp32(module)
         return module
 
-    @override
-    def forward_context(self) -> AbstractContextManager:
-        stack = ExitStack()
-        stack.enter_context(tf32_matmuls(self.tf32))
-        stack.enter_context(super().forward_context())
-        return stack
 
-
-class Fp32NormsHalfPrecision(HalfPrecision):
+class Fp32NormsHalfPrecision(_Tf32Scope, HalfPrecision):
     """``16-true``/``bf16-true`` whose norms and final projections stay float32 (``fp32_norms``), or
     everything in half precision (``fp32_norms=False``, Fabric's own behaviour). With ``gelu_epilogue``
     (``bf16-true``) the MLPs' GELU runs in their first matmul (``fused_gelu``)."""
@@ -91,10 +96,3 @@ class Fp32NormsHalfPrecision(HalfPrecision):
         if self.gelu_epilogue:
             fuse_mlp_gelu(module)
         return module
-
-    @override
-    def forward_context(self) -> AbstractContextManager:
-        stack = ExitStack()
-        stack.enter_context(tf32_matmuls(self.tf32))
-        stack.enter_context(super().forward_context())
-        return stack
