@@ -59,8 +59,13 @@ class Progress:
 
     def _report(self, now: float) -> None:
         if self._store is not None:
-            total = self._store.add("clip_fabric/progress", self._unreported)
-            self._bar.update(total - self._bar.n)
+            try:
+                total = self._store.add("clip_fabric/progress", self._unreported)
+            except RuntimeError:  # the store's rank is gone: the run is failing, count this rank alone
+                self._store = None
+                self._bar.update(self._unreported)
+            else:
+                self._bar.update(total - self._bar.n)
         else:
             self._bar.update(self._unreported)
         self._unreported, self._last_report = 0, now
