@@ -31,6 +31,8 @@ def test_cuda_rows_equal_cpu_rows(tmp_path, tiny_config, tiny_checkpoint, image_
         "2",
         "--data.decode",
         "pil",  # the same preprocess on both sides: this compares the model's arithmetic
+        "--precision",
+        "32-true",  # in float32 on both sides (the default, auto, is bf16-true on the GPU)
     ]
     cpu = run_cli("predict", "--accelerator", "cpu", "--output.dir", str(tmp_path / "cpu"), *common)
     gpu = run_cli(
@@ -100,6 +102,8 @@ def test_decode_paths_embed_like_pil(tmp_path, decode):
     samples = [{"__key__": f"{i:04d}", "jpg": pictures[i % 48], "txt": b"x"} for i in range(count)]
     source = str(write_tar(tmp_path / "s-0.tar", samples))
     common = [
+        "--precision",
+        "32-true",  # the decode paths are compared, not precisions
         "--data.format",
         "webdataset",
         "--data.source",
