@@ -167,9 +167,11 @@ class Cluster:
         logs = "".join(p.read_text()[-1500:] for p in sorted(self.root.glob("*.out")))
         raise AssertionError(f"nodes not idle: {self.node_states()}\n{logs}")
 
-    def sbatch(self, log: Path, script: str, *args: str, options: list[str] = TWO_NODES) -> tuple[str, Path]:
-        cmd = ["sbatch", "--parsable", *options, f"--output={log}", script, *args]
-        result = _run(["nsenter", f"--net=/run/netns/{self.netns['ctl']}", *cmd], cwd=REPO, env=self.job_env)
+    def sbatch(self, log: Path, script: str, *args: str, **env: str) -> tuple[str, Path]:
+        cmd = ["sbatch", "--parsable", *TWO_NODES, f"--output={log}", script, *args]
+        result = _run(
+            ["nsenter", f"--net=/run/netns/{self.netns['ctl']}", *cmd], cwd=REPO, env=self.job_env | env
+        )
         assert result.returncode == 0, f"sbatch refused {script}: {result.stderr}"
         job = result.stdout.strip().split(";")[0]
         return job, Path(str(log).replace("%j", job))
@@ -294,7 +296,9 @@ def test_8node_script_on_two_nodes_writes_the_rows_of_one_process(
 ):
     out = tmp_path / "out"
     args = _predict(tiny_config, tiny_checkpoint, out, 96, "--mode", "image")
-    job, log = cluster.sbatch(tmp_path / "job-%j.out", "slurm/8node.sh", "configs/ddp.yaml", *args)
+    job, log = cluster.sbatch(
+        tmp_path / "job-%j.out", "slurm/8node.sh", "configs/ddp.yaml", *args, CLIP_FABRIC_DOCTOR="1"
+    )
     port = 15000 + int(job[-4:])  # Fabric's rendezvous port under SLURM when MASTER_PORT is not set
     seen, connected = {}, set()
     deadline = time.monotonic() + 120
@@ -311,6 +315,15 @@ def test_8node_script_on_two_nodes_writes_the_rows_of_one_process(
     assert seen == {"node1": 2, "node2": 2, "node3": 0}, seen  # 2 ranks on each node of the allocation
     assert "node2" in connected, "node2's ranks never connected to node1's rendezvous port"
     assert text.count("clip_fabric: 96 rows") == 2  # Fabric prints on each node's first rank
+    # doctor ran first, as every task: rank 0 says what it saw of each node at the rendezvous port.
+    table, rendezvous = re.sub(r"[ \t]+", " ", text), f"node1:{port}"
+    assert f"OK rendezvous rank 0 listens on {rendezvous}; 4/4 ranks met" in table, text[:4000]
+    for node, ranks in (("node1", "0, 1"), ("node2", "2, 3")):
+        line = (
+            f"OK node {node} {cluster.addr[node]}: rank(s) {ranks} reached {rendezvous}; 2/2 ranks, 0 GPU(s)"
+        )
+        assert line in table, text[:4000]
+    assert "OK ranks per node node1: 2, node2: 2" in table
 
     _one_process(args, tmp_path / "one")
     emb, keys = read_output(out)
