@@ -252,6 +252,29 @@ def rendezvous_host(env: Mapping[str, str]) -> str | None:
     return None
 
 
+def check_rendezvous_host(host: str | None, addresses: list[str], nodes: int) -> list[Check]:
+    """Whether the rendezvous host resolves here, and to an address the other nodes can reach."""
+    if host is None:
+        return []
+    detail = f"{host} -> {', '.join(addresses) or 'does not resolve'}"
+    if not addresses:
+        hint = (
+            "every node must resolve the first node's name (DNS, /etc/hosts), or export MASTER_ADDR=<its IP>"
+        )
+        return [Check("rendezvous host", "fail", detail, hint)]
+    if nodes > 1 and all(a.startswith("127.") or a == "::1" for a in addresses):
+        return [
+            Check(
+                "rendezvous host",
+                "fail",
+                f"{detail}: on {nodes} nodes, the other nodes' ranks would connect to themselves",
+                "unset MASTER_ADDR before sbatch (it passes your shell's environment on): Fabric then takes "
+                "the first node of the allocation",
+            )
+        ]
+    return [Check("rendezvous host", "ok", detail)]
+
+
 def check_hostname(hostname: str, addresses: list[str], nodes: int, have_gpus: bool) -> Check:
     """gloo advertises the address this host's name resolves to: a loopback one sends the ranks of other
     nodes to themselves (NCCL picks its interface itself, so on GPUs it is a warning)."""
@@ -344,8 +367,10 @@ def meet(env: Mapping[str, str], report: dict, timeout_s: float) -> tuple[list[d
     world = int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"])
     where = f"{host}:{port}"
     try:
-        store = TCPStore(host, port, is_master=rank == 0, timeout=timedelta(seconds=timeout_s),
-                         wait_for_workers=False)  # fmt: skip
+        # The others wait longer than rank 0 (10 s of 60), so that rank 0 reports who is missing before
+        # srun's --kill-on-bad-exit ends it for another rank's timeout.
+        wait = timedelta(seconds=timeout_s + (min(10, timeout_s / 4) if rank else 0))
+        store = TCPStore(host, port, is_master=rank == 0, timeout=wait, wait_for_workers=False)
         store.set(f"doctor/{rank}", jsonlib.dumps(report))
         if rank != 0:
             store.wait(["doctor/done"])  # rank 0 read this report
@@ -413,6 +438,7 @@ def gather() -> dict[str, Any]:
         "interfaces": [name for _, name in socket.if_nameindex()],
         "hostname": socket.gethostname(),
         "addresses": _addresses(socket.gethostname()),
+        "rendezvous_addresses": _addresses(host) if (host := rendezvous_host(os.environ)) else [],
         "ib_devices": sorted(p.name for p in ib.iterdir()) if ib.is_dir() else [],
     }
 
@@ -420,6 +446,7 @@ def gather() -> dict[str, Any]:
 def run_checks(facts: dict[str, Any], env: Mapping[str, str], require_gpu: bool = False) -> list[Check]:
     """Every check over the gathered ``facts`` and the environment ``env``."""
     port, explicit = rendezvous_port(env)
+    nodes = int(env.get("SLURM_JOB_NUM_NODES", "1"))
     port_check = check_port(port, explicit)
     if in_srun_step(env) and env["SLURM_PROCID"] != "0":  # rank 0's doctor may be listening on it by now
         port_check = Check("rendezvous port", "ok", f"{port}: rank 0's to check, on its node")
@@ -429,13 +456,9 @@ def run_checks(facts: dict[str, Any], env: Mapping[str, str], require_gpu: bool 
         *check_distributed(facts["dist_available"], facts["gloo"], facts["nccl"], bool(facts["gpus"])),
         *check_launch_env(env),
         port_check,
+        *check_rendezvous_host(rendezvous_host(env), facts["rendezvous_addresses"], nodes),
         *check_nccl_env(env, facts["interfaces"], facts["ib_devices"]),
-        check_hostname(
-            facts["hostname"],
-            facts["addresses"],
-            int(env.get("SLURM_JOB_NUM_NODES", "1")),
-            bool(facts["gpus"]),
-        ),
+        check_hostname(facts["hostname"], facts["addresses"], nodes, bool(facts["gpus"])),
     ]
 
 
@@ -466,8 +489,9 @@ def setup(json: bool = False, require_gpu: bool = False, meet_timeout_s: float =
         report = {"rank": int(env["SLURM_PROCID"]), "node": env.get("SLURMD_NODENAME", facts["hostname"]),
                   "address": ", ".join(facts["addresses"]), "gpus": len(facts["gpus"]),
                   "problems": problems}  # fmt: skip
-        reports, line = meet(env, report, meet_timeout_s)
-        checks.append(line)
+        blocked = any(c.name == "rendezvous host" and c.status == "fail" for c in checks)
+        reports, line = (None, None) if blocked else meet(env, report, meet_timeout_s)
+        checks += [line] if line else []
         if reports is not None:
             port, _ = rendezvous_port(env)
             checks += check_nodes(reports, tasks_per_node(env) or {}, f"{rendezvous_host(env)}:{port}")

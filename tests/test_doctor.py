@@ -99,7 +99,8 @@ def test_nccl_variables_hints():
 
 def test_run_checks_on_a_gpu_node_without_nccl_fails():
     facts = {"versions": VERSIONS, "gpus": [A100], "dist_available": True, "gloo": True, "nccl": False,
-             "interfaces": ["lo"], "ib_devices": [], "hostname": "n1", "addresses": ["10.0.0.1"]}  # fmt: skip
+             "interfaces": ["lo"], "ib_devices": [], "hostname": "n1", "addresses": ["10.0.0.1"],
+             "rendezvous_addresses": []}  # fmt: skip
     assert statuses(doctor.run_checks(facts, {}))["nccl"] == "fail"
 
 
@@ -220,3 +221,13 @@ def test_tasks_meet_at_the_rendezvous_port_and_rank_0_gets_every_report(tmp_path
     )
     alone, missing = doctor.meet(env | {"SLURM_PROCID": "1", "MASTER_PORT": str(port)}, {"rank": 1}, 2)
     assert alone is None and missing.status == "fail" and f"127.0.0.1:{port}" in missing.detail
+
+
+def test_rendezvous_host_must_resolve_and_not_to_loopback_across_nodes():
+    assert doctor.check_rendezvous_host(None, [], nodes=2) == []
+    assert doctor.check_rendezvous_host("n1", ["10.0.0.1"], nodes=2)[0].status == "ok"
+    assert doctor.check_rendezvous_host("localhost", ["127.0.0.1"], nodes=1)[0].status == "ok"
+    (unresolved,) = doctor.check_rendezvous_host("n1", [], nodes=2)
+    assert unresolved.status == "fail" and "MASTER_ADDR" in unresolved.hint
+    (loopback,) = doctor.check_rendezvous_host("localhost", ["127.0.0.1", "::1"], nodes=2)
+    assert loopback.status == "fail" and "unset MASTER_ADDR" in loopback.hint

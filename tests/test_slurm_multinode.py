@@ -332,6 +332,23 @@ def test_8node_script_on_two_nodes_writes_the_rows_of_one_process(
     np.testing.assert_allclose(emb, one, atol=1e-6)
 
 
+def test_doctor_ends_the_job_before_predict_when_the_rendezvous_is_loopback(cluster, tiny_config, tmp_path):
+    """A MASTER_ADDR=localhost left in the submitting shell (sbatch passes it on) would send node2's ranks
+    to themselves: doctor says so on every rank, and the job ends before predict starts."""
+    args = _tiny_predict_args(tiny_config, tmp_path / "out", 16)
+    job, log = cluster.sbatch(
+        tmp_path / "job-%j.out", "slurm/8node.sh", "configs/ddp.yaml", *args,
+        CLIP_FABRIC_DOCTOR="1", MASTER_ADDR="localhost",
+    )  # fmt: skip
+    info = cluster.finished(job)
+    text = log.read_text()
+    table = re.sub(r"[ \t]+", " ", text)
+    assert info.get("JobState") == "FAILED" and "Initializing distributed" not in text, (info, text[-3000:])
+    assert table.count("FAIL rendezvous host localhost -> 127.0.0.1") >= 2, text[-3000:]
+    assert "on 2 nodes, the other nodes' ranks would connect to themselves" in table
+    assert "blocking: rendezvous host" in text
+
+
 def test_hybrid_script_on_two_nodes_scores_the_pairs_of_one_process(
     cluster, tiny_config, tiny_checkpoint, tmp_path
 ):
