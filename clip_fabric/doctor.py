@@ -322,16 +322,13 @@ def check_nodes(reports: list[dict], layout: dict[str, int], rendezvous: str) ->
             f"{here[0]['address']}: rank(s) {', '.join(str(r['rank']) for r in here)} reached {rendezvous}; "
             f"{len(here)}/{expected} ranks, {gpus} GPU(s)"
         )
-        hint = "; ".join(problems)
         status = "fail" if failed or len(here) < expected else "warn" if problems else "ok"
-        if gpus and gpus != expected:
-            status = "fail" if expected > gpus else status if status != "ok" else "warn"
-            hint = "; ".join(
-                [
-                    *problems,
-                    f"{expected} ranks on {gpus} GPUs: keep --ntasks-per-node equal to --gpus-per-node",
-                ]
+        if gpus and gpus != expected:  # more ranks than GPUs share one; fewer leave some idle
+            status = "fail" if expected > gpus else "warn" if status == "ok" else status
+            problems.append(
+                f"{expected} ranks on {gpus} GPUs: keep --ntasks-per-node equal to --gpus-per-node"
             )
+        hint = "; ".join(problems)
         checks.append(Check(f"node {node}", status, detail, hint))
     for node, here in by_node.items():  # ranks on a node the layout does not name
         checks.append(Check(f"node {node}", "warn", f"rank(s) {[r['rank'] for r in here]} not in the layout"))
