@@ -1,5 +1,7 @@
 """``doctor``: the environment checklist before a distributed run (GPUs, versions, torch.distributed and
 NCCL, the SLURM/torchrun variables, the rendezvous port, NCCL/InfiniBand settings); exit 1 on a blocker.
+Run by ``srun`` as every task of a job, the tasks also meet at the rendezvous port, and rank 0 reports
+what it sees of every node: which ranks reached it from where, ranks per node, each node's problems.
 
 Each check is a pure function returning ``Check`` values, so it is tested without GPUs or a cluster.
 """
@@ -9,10 +11,13 @@ from __future__ import annotations
 import importlib.metadata
 import json as jsonlib
 import os
+import re
 import socket
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -207,11 +212,191 @@ def check_nccl_env(env: Mapping[str, str], interfaces: list[str], ib_devices: li
     return checks
 
 
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compact host list (``gpu[01-03,07],login1``) as host names, in SLURM's order."""
+    names = []
+    for token in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
+        match = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", token)
+        if not match:
+            names.append(token)
+            continue
+        prefix, ranges, suffix = match.groups()
+        for part in ranges.split(","):
+            first, _, last = part.partition("-")
+            for n in range(int(first), int(last or first) + 1):
+                names.append(f"{prefix}{n:0{len(first)}d}{suffix}")
+    return names
+
+
+def tasks_per_node(env: Mapping[str, str]) -> dict[str, int] | None:
+    """Ranks on each node of this SLURM step (``SLURM_TASKS_PER_NODE`` is ``2(x3),1``); None outside one."""
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    counts = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if not nodelist or not counts:
+        return None
+    per_node = []
+    for part in counts.split(","):
+        count, _, times = part.partition("(x")
+        per_node += [int(count)] * int(times.rstrip(")") or 1)
+    return dict(zip(expand_nodelist(nodelist), per_node, strict=False))
+
+
+def rendezvous_host(env: Mapping[str, str]) -> str | None:
+    """The host rank 0 listens on, as Fabric picks it: MASTER_ADDR, else the first node of the step."""
+    if "MASTER_ADDR" in env:
+        return env["MASTER_ADDR"]
+    if "SLURM_NODELIST" in env:
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        return SLURMEnvironment.resolve_root_node_address(env["SLURM_NODELIST"])
+    return None
+
+
+def check_rendezvous_host(host: str | None, addresses: list[str], nodes: int) -> list[Check]:
+    """Whether the rendezvous host resolves here, and to an address the other nodes can reach."""
+    if host is None:
+        return []
+    detail = f"{host} -> {', '.join(addresses) or 'does not resolve'}"
+    if not addresses:
+        hint = (
+            "every node must resolve the first node's name (DNS, /etc/hosts), or export MASTER_ADDR=<its IP>"
+        )
+        return [Check("rendezvous host", "fail", detail, hint)]
+    if nodes > 1 and all(a.startswith("127.") or a == "::1" for a in addresses):
+        return [
+            Check(
+                "rendezvous host",
+                "fail",
+                f"{detail}: on {nodes} nodes, the other nodes' ranks would connect to themselves",
+                "unset MASTER_ADDR before sbatch (it passes your shell's environment on): Fabric then takes "
+                "the first node of the allocation",
+            )
+        ]
+    return [Check("rendezvous host", "ok", detail)]
+
+
+def check_hostname(hostname: str, addresses: list[str], nodes: int, have_gpus: bool) -> Check:
+    """gloo advertises the address this host's name resolves to: a loopback one sends the ranks of other
+    nodes to themselves (NCCL picks its interface itself, so on GPUs it is a warning)."""
+    detail = f"{hostname} -> {', '.join(addresses) or 'does not resolve'}"
+    if nodes == 1 or (addresses and not all(a.startswith("127.") or a == "::1" for a in addresses)):
+        return Check("hostname", "ok", detail)
+    return Check(
+        "hostname",
+        "warn" if have_gpus else "fail",
+        detail,
+        "gloo (CPU ranks) needs a name the other nodes reach: fix /etc/hosts or DNS, or export "
+        "GLOO_SOCKET_IFNAME (and NCCL_SOCKET_IFNAME) with the interface between nodes",
+    )
+
+
+def check_nodes(reports: list[dict], layout: dict[str, int], rendezvous: str) -> list[Check]:
+    """Rank 0's view of the job after the tasks met at ``rendezvous``: one line per node (address, its
+    ranks, its GPUs, its problems), and a failure for every rank that never arrived.
+
+    ``reports``: what each arrived rank sent (``rank``, ``node``, ``address``, ``gpus``, ``problems``);
+    ``layout``: ranks per node as SLURM placed them."""
+    checks, arrived = [], {r["rank"] for r in reports}
+    common = set.intersection(*(set(r["problems"]) for r in reports)) if reports else set()
+    by_node: dict[str, list[dict]] = {}
+    for report in reports:
+        by_node.setdefault(report["node"], []).append(report)
+    for node, expected in layout.items():
+        here = sorted(by_node.pop(node, []), key=lambda r: r["rank"])
+        if not here:
+            checks.append(
+                Check(
+                    f"node {node}",
+                    "fail",
+                    f"none of its {expected} rank(s) reached {rendezvous}",
+                    f"from {node}: getent hosts {rendezvous.rsplit(':', 1)[0]}; a firewall or the wrong "
+                    "interface between nodes (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME)",
+                )
+            )
+            continue
+        # What every node reports (a CPU-only torch, no InfiniBand) is in rank 0's own lines already.
+        problems = sorted({p for r in here for p in r["problems"]} - common)
+        failed = any(p.startswith("FAIL") for p in problems)
+        gpus = here[0]["gpus"]
+        detail = (
+            f"{here[0]['address']}: rank(s) {', '.join(str(r['rank']) for r in here)} reached {rendezvous}; "
+            f"{len(here)}/{expected} ranks, {gpus} GPU(s)"
+        )
+        status = "fail" if failed or len(here) < expected else "warn" if problems else "ok"
+        if gpus and gpus != expected:  # more ranks than GPUs share one; fewer leave some idle
+            status = "fail" if expected > gpus else "warn" if status == "ok" else status
+            problems.append(
+                f"{expected} ranks on {gpus} GPUs: keep --ntasks-per-node equal to --gpus-per-node"
+            )
+        hint = "; ".join(problems)
+        checks.append(Check(f"node {node}", status, detail, hint))
+    for node, here in by_node.items():  # ranks on a node the layout does not name
+        checks.append(Check(f"node {node}", "warn", f"rank(s) {[r['rank'] for r in here]} not in the layout"))
+    missing = sorted(set(range(sum(layout.values()))) - arrived)
+    if missing:
+        checks.append(
+            Check(
+                "ranks",
+                "fail",
+                f"{len(missing)} of {sum(layout.values())} never reached {rendezvous}: {missing}",
+                "every task must run doctor (srun python -m clip_fabric doctor)",
+            )
+        )
+    counts = set(layout.values())
+    checks.append(
+        Check(
+            "ranks per node",
+            "ok" if len(counts) == 1 else "fail",
+            ", ".join(f"{n}: {c}" for n, c in layout.items()),
+            "" if len(counts) == 1 else "Fabric needs the same number on every node: use --ntasks-per-node",
+        )
+    )
+    return checks
+
+
+def meet(env: Mapping[str, str], report: dict, timeout_s: float) -> tuple[list[dict] | None, Check]:
+    """Every task of the step meets rank 0 at the rendezvous address and port, as Fabric's ranks will
+    (a ``TCPStore``); rank 0 gets each rank's ``report`` (None for other ranks) and the line on its port."""
+    from torch.distributed import TCPStore
+
+    port, _ = rendezvous_port(env)
+    host, rank = rendezvous_host(env), int(env["SLURM_PROCID"])
+    world = int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"])
+    where = f"{host}:{port}"
+    try:
+        # The others wait longer than rank 0 (10 s of 60), so that rank 0 reports who is missing before
+        # srun's --kill-on-bad-exit ends it for another rank's timeout.
+        wait = timedelta(seconds=timeout_s + (min(10, timeout_s / 4) if rank else 0))
+        store = TCPStore(host, port, is_master=rank == 0, timeout=wait, wait_for_workers=False)
+        store.set(f"doctor/{rank}", jsonlib.dumps(report))
+        if rank != 0:
+            store.wait(["doctor/done"])  # rank 0 read this report
+            return None, Check("rendezvous", "ok", f"reached rank 0 at {where}")
+        keys, deadline = [f"doctor/{r}" for r in range(world)], time.monotonic() + timeout_s
+        while not store.check(keys) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        reports = [jsonlib.loads(store.get(k)) for k in keys if store.check([k])]
+        store.set("doctor/done", "1")
+        time.sleep(0.5)  # the others' wait returns before this store closes
+    except (RuntimeError, OSError) as err:  # DistStoreError and timeouts are RuntimeErrors
+        reason = str(err).strip().splitlines()[0][:200]
+        hint = "rank 0 not started or its node unreachable: check the name, the port, firewalls"
+        return None, Check("rendezvous", "fail", f"{where} (rank {rank} of {world}): {reason}", hint)
+    return reports, Check("rendezvous", "ok", f"rank 0 listens on {where}; {len(reports)}/{world} ranks met")
+
+
 def _installed(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def _addresses(host: str) -> list[str]:
+    try:
+        return sorted({info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)})
+    except OSError:
+        return []
 
 
 def gather() -> dict[str, Any]:
@@ -248,6 +433,9 @@ def gather() -> dict[str, Any]:
         "gloo": dist.is_available() and dist.is_gloo_available(),
         "nccl": dist.is_available() and dist.is_nccl_available(),
         "interfaces": [name for _, name in socket.if_nameindex()],
+        "hostname": socket.gethostname(),
+        "addresses": _addresses(socket.gethostname()),
+        "rendezvous_addresses": _addresses(host) if (host := rendezvous_host(os.environ)) else [],
         "ib_devices": sorted(p.name for p in ib.iterdir()) if ib.is_dir() else [],
     }
 
@@ -255,27 +443,59 @@ def gather() -> dict[str, Any]:
 def run_checks(facts: dict[str, Any], env: Mapping[str, str], require_gpu: bool = False) -> list[Check]:
     """Every check over the gathered ``facts`` and the environment ``env``."""
     port, explicit = rendezvous_port(env)
+    nodes = int(env.get("SLURM_JOB_NUM_NODES", "1"))
+    port_check = check_port(port, explicit)
+    if in_srun_step(env) and env["SLURM_PROCID"] != "0":  # rank 0's doctor may be listening on it by now
+        port_check = Check("rendezvous port", "ok", f"{port}: rank 0's to check, on its node")
     return [
         *check_versions(facts["versions"]),
         *check_gpus(facts["gpus"], require_gpu),
         *check_distributed(facts["dist_available"], facts["gloo"], facts["nccl"], bool(facts["gpus"])),
         *check_launch_env(env),
-        check_port(port, explicit),
+        port_check,
+        *check_rendezvous_host(rendezvous_host(env), facts["rendezvous_addresses"], nodes),
         *check_nccl_env(env, facts["interfaces"], facts["ib_devices"]),
+        check_hostname(facts["hostname"], facts["addresses"], nodes, bool(facts["gpus"])),
     ]
 
 
-def setup(json: bool = False, require_gpu: bool = False) -> None:
+def in_srun_step(env: Mapping[str, str]) -> bool:
+    """Whether this process is one of several tasks that ``srun`` started (not the batch script itself)."""
+    return "SLURM_STEP_ID" in env and "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1
+
+
+def setup(json: bool = False, require_gpu: bool = False, meet_timeout_s: float = 60) -> None:
     """Check this machine for a distributed run; exit status 1 when something blocks it.
+
+    Run by ``srun`` as every task of a job (``srun python -m clip_fabric doctor``), the tasks meet rank 0
+    at the rendezvous address and port, and rank 0 prints what it sees of every node (the others print
+    only their blockers).
 
     Args:
         json: Print the checks as a JSON list instead of a table.
         require_gpu: Treat the absence of a CUDA GPU as a blocking failure (on GPU nodes).
+        meet_timeout_s: Under srun: how long rank 0 waits for every rank at the rendezvous port, and
+            the other ranks for rank 0.
     """
-    checks = run_checks(gather(), os.environ, require_gpu)
-    if json:
+    env, facts = os.environ, gather()
+    checks = run_checks(facts, env, require_gpu)
+    shown = True
+    if in_srun_step(env):
+        problems = [f"{c.status.upper()} {c.name}" + (f" ({c.detail})" if c.status == "fail" else "")
+                    for c in checks if c.status != "ok"]  # fmt: skip
+        report = {"rank": int(env["SLURM_PROCID"]), "node": env.get("SLURMD_NODENAME", facts["hostname"]),
+                  "address": ", ".join(facts["addresses"]), "gpus": len(facts["gpus"]),
+                  "problems": problems}  # fmt: skip
+        blocked = any(c.name == "rendezvous host" and c.status == "fail" for c in checks)
+        reports, line = (None, None) if blocked else meet(env, report, meet_timeout_s)
+        checks += [line] if line else []
+        if reports is not None:
+            port, _ = rendezvous_port(env)
+            checks += check_nodes(reports, tasks_per_node(env) or {}, f"{rendezvous_host(env)}:{port}")
+        shown = reports is not None or any(c.status == "fail" for c in checks)
+    if shown and json:
         print(jsonlib.dumps([asdict(c) for c in checks], indent=2))
-    else:
+    elif shown:
         width = max(len(c.name) for c in checks)
         for c in checks:
             print(

@@ -25,6 +25,7 @@ CONFIG="${1:-configs/ddp.yaml}"
 shift || true
 
 echo "clip_fabric: job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST}: config ${CONFIG}"
+doctor_first  # with CLIP_FABRIC_DOCTOR=1, every node is checked first (slurm/env.sh)
 # --devices and --num_nodes come from the allocation, so that the sbatch overrides above are enough and
 # Fabric's check (devices x nodes == SLURM_NTASKS) holds; options after CONFIG come last and win.
 srun --kill-on-bad-exit=1 "$PYTHON" -m clip_fabric predict --config "$CONFIG" \

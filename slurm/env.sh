@@ -31,3 +31,12 @@ export PYTHONUNBUFFERED=1
 
 # The interpreter of the environment clip_fabric is installed in; override with PYTHON=/path/to/python.
 PYTHON="${PYTHON:-python}"
+
+# CLIP_FABRIC_DOCTOR=1 (exported before sbatch): every task first runs `clip_fabric doctor`; the tasks meet
+# rank 0 at the rendezvous address and port, as predict's will, and rank 0 prints a line per node (its
+# address, its ranks, its GPUs, its problems). A blocker on any node ends the job before predict starts.
+doctor_first() {
+    if [[ "${CLIP_FABRIC_DOCTOR:-0}" == 1 ]]; then
+        srun --kill-on-bad-exit=1 "$PYTHON" -m clip_fabric doctor
+    fi
+}

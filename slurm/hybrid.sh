@@ -30,5 +30,6 @@ if (( SLURM_NTASKS_PER_NODE % 2 )); then
 fi
 
 echo "clip_fabric: job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST}: config ${CONFIG}"
+doctor_first  # with CLIP_FABRIC_DOCTOR=1, every node is checked first (slurm/env.sh)
 srun --kill-on-bad-exit=1 "$PYTHON" -m clip_fabric predict --config "$CONFIG" --strategy hybrid \
     --devices "$SLURM_NTASKS_PER_NODE" --num_nodes "$SLURM_JOB_NUM_NODES" "$@"

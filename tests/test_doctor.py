@@ -99,7 +99,8 @@ def test_nccl_variables_hints():
 
 def test_run_checks_on_a_gpu_node_without_nccl_fails():
     facts = {"versions": VERSIONS, "gpus": [A100], "dist_available": True, "gloo": True, "nccl": False,
-             "interfaces": ["lo"], "ib_devices": []}  # fmt: skip
+             "interfaces": ["lo"], "ib_devices": [], "hostname": "n1", "addresses": ["10.0.0.1"],
+             "rendezvous_addresses": []}  # fmt: skip
     assert statuses(doctor.run_checks(facts, {}))["nccl"] == "fail"
 
 
@@ -120,3 +121,113 @@ def test_doctor_command_on_this_machine():
         required = _doctor("--require_gpu", "true")
         assert required.returncode == 1 and "blocking: gpus" in required.stderr
         assert "WARN" in _doctor().stdout
+
+
+def test_nodelist_and_tasks_per_node_as_slurm_writes_them():
+    assert doctor.expand_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
+    assert doctor.expand_nodelist("node[1-2]") == ["node1", "node2"] and doctor.expand_nodelist("a") == ["a"]
+    step = {"SLURM_STEP_NODELIST": "n[1-3],x9", "SLURM_STEP_TASKS_PER_NODE": "2(x3),1"}
+    assert doctor.tasks_per_node(step) == {"n1": 2, "n2": 2, "n3": 2, "x9": 1}
+    assert doctor.tasks_per_node({}) is None
+
+
+def test_rendezvous_host_is_fabrics_first_node_or_master_addr():
+    assert doctor.rendezvous_host({"SLURM_NODELIST": "gpu[004-007],cpu1"}) == "gpu004"
+    assert doctor.rendezvous_host({"SLURM_NODELIST": "a[1-2]", "MASTER_ADDR": "10.0.0.9"}) == "10.0.0.9"
+    assert doctor.rendezvous_host({}) is None
+
+
+def test_hostname_on_loopback_blocks_gloo_across_nodes():
+    assert doctor.check_hostname("n1", ["10.1.0.1"], nodes=2, have_gpus=False).status == "ok"
+    assert doctor.check_hostname("n1", ["127.0.1.1"], nodes=1, have_gpus=False).status == "ok"
+    loopback = doctor.check_hostname("n1", ["127.0.1.1"], nodes=2, have_gpus=False)
+    assert loopback.status == "fail" and "GLOO_SOCKET_IFNAME" in loopback.hint
+    assert doctor.check_hostname("n1", ["127.0.1.1"], nodes=2, have_gpus=True).status == "warn"  # NCCL
+
+
+def _report(rank: int, node: str, gpus: int = 0, problems: tuple[str, ...] = ()) -> dict:
+    return {
+        "rank": rank,
+        "node": node,
+        "address": f"10.0.0.{node[-1]}",
+        "gpus": gpus,
+        "problems": list(problems),
+    }
+
+
+def test_every_node_from_rank_0_ranks_gpus_and_what_only_that_node_has():
+    layout = {"n1": 2, "n2": 2}
+    common = ("WARN infiniband",)
+    reports = [_report(0, "n1", 2, common), _report(1, "n1", 2, common), _report(2, "n2", 2, common),
+               _report(3, "n2", 2, (*common, "FAIL nccl (GPUs present but NCCL unavailable)"))]  # fmt: skip
+    checks = {c.name: c for c in doctor.check_nodes(reports, layout, "n1:15007")}
+    assert checks["node n1"].status == "ok" and "rank(s) 0, 1 reached n1:15007; 2/2 ranks, 2 GPU(s)" in (
+        checks["node n1"].detail
+    )
+    assert checks["node n2"].status == "fail" and "FAIL nccl" in checks["node n2"].hint
+    assert "infiniband" not in checks["node n2"].hint  # shared by all: rank 0's own line says it
+    assert checks["ranks per node"].status == "ok" and "ranks" not in checks
+
+
+def test_a_node_whose_ranks_never_arrive_and_uneven_or_gpu_mismatched_layouts():
+    checks = {
+        c.name: c
+        for c in doctor.check_nodes([_report(0, "n1"), _report(1, "n1")], {"n1": 2, "n2": 2}, "n1:1")
+    }
+    assert (
+        checks["node n2"].status == "fail"
+        and "none of its 2 rank(s) reached n1:1" in checks["node n2"].detail
+    )
+    assert checks["ranks"].status == "fail" and "[2, 3]" in checks["ranks"].detail
+    uneven = {
+        c.name: c for c in doctor.check_nodes([_report(0, "n1"), _report(1, "n2")], {"n1": 1, "n2": 1}, "h")
+    }
+    assert uneven["ranks per node"].status == "ok"
+    three = [_report(0, "n1"), _report(1, "n1"), _report(2, "n2")]
+    assert statuses(doctor.check_nodes(three, {"n1": 2, "n2": 1}, "h"))["ranks per node"] == "fail"
+    more_ranks_than_gpus = doctor.check_nodes(
+        [_report(0, "n1", gpus=1), _report(1, "n1", gpus=1)], {"n1": 2}, "h"
+    )
+    assert statuses(more_ranks_than_gpus)["node n1"] == "fail"
+    idle_gpus = doctor.check_nodes([_report(0, "n1", gpus=8)], {"n1": 1}, "h")
+    assert statuses(idle_gpus)["node n1"] == "warn"
+
+
+def test_tasks_meet_at_the_rendezvous_port_and_rank_0_gets_every_report(tmp_path):
+    """Two real processes, as srun would start them on one node: rank 0 listens, rank 1 reports to it."""
+    import torch.distributed  # noqa: F401  (imported before the threads of the store start)
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {"SLURM_JOB_ID": "5", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}  # fmt: skip
+    code = (
+        "import json, sys; from clip_fabric import doctor; "
+        "env = json.loads(sys.argv[1]); print(doctor.meet(env, {'rank': 1}, 30)[1].status)"
+    )
+    other = subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(env | {"SLURM_PROCID": "1"})],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    reports, line = doctor.meet(env | {"SLURM_PROCID": "0"}, {"rank": 0}, 30)
+    assert other.wait(timeout=60) == 0 and other.stdout.read().strip() == "ok"
+    assert (
+        line.status == "ok"
+        and "2/2 ranks met" in line.detail
+        and sorted(r["rank"] for r in reports) == [0, 1]
+    )
+    alone, missing = doctor.meet(env | {"SLURM_PROCID": "1", "MASTER_PORT": str(port)}, {"rank": 1}, 2)
+    assert alone is None and missing.status == "fail" and f"127.0.0.1:{port}" in missing.detail
+
+
+def test_rendezvous_host_must_resolve_and_not_to_loopback_across_nodes():
+    assert doctor.check_rendezvous_host(None, [], nodes=2) == []
+    assert doctor.check_rendezvous_host("n1", ["10.0.0.1"], nodes=2)[0].status == "ok"
+    assert doctor.check_rendezvous_host("localhost", ["127.0.0.1"], nodes=1)[0].status == "ok"
+    (unresolved,) = doctor.check_rendezvous_host("n1", [], nodes=2)
+    assert unresolved.status == "fail" and "MASTER_ADDR" in unresolved.hint
+    (loopback,) = doctor.check_rendezvous_host("localhost", ["127.0.0.1", "::1"], nodes=2)
+    assert loopback.status == "fail" and "unset MASTER_ADDR" in loopback.hint
