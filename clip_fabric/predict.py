@@ -190,13 +190,17 @@ def _build_embedder(
 def _shards(
     source: Source, folder: RunFolder, strategy, fabric: Fabric
 ) -> tuple[list[Shard], list[Shard], int | None]:
-    """All shards of the job; those this rank computes (its split, less the ones already done); and the
-    samples left in the whole job, where the listing knows them (tar shards are counted once read)."""
+    """All shards of the job; those this rank computes (its split of the shards not done yet, so a
+    resumed run spreads what is left over every rank, not over the ranks whose shards were lost); and
+    the samples left in the whole job, where the listing knows them (tar shards are counted once read).
+    Rank 0's view of the done shards is the one every rank splits: ranks reading the folder a moment
+    apart could otherwise split different lists."""
     shards = source.shards()
-    done = folder.done_shards()
+    done = sorted(folder.done_shards()) if fabric.global_rank == 0 else None
+    done = set(fabric.broadcast(done, src=0))
     todo = [s for s in shards if s.index not in done]
     split = strategy.shard_split(fabric.global_rank, fabric.world_size)
-    mine = [s for s in shards[split[0] :: split[1]] if s.index not in done] if split else []
+    mine = todo[split[0] :: split[1]] if split else []
     counted = all(s.stop > s.start for s in todo)
     return shards, mine, sum(s.stop - s.start for s in todo) if counted else None
 
@@ -236,8 +240,13 @@ def _finish(
     )
     counts = fabric.all_reduce(local, reduce_op="sum")
     rows = int(counts[0])
+    # The job took as long as its slowest rank (rank 0 may have had nothing left to do on a resume).
+    seconds = float(
+        fabric.all_reduce(
+            torch.tensor(end - job.started, dtype=torch.float64, device=fabric.device), reduce_op="max"
+        )
+    )
     fabric.barrier()
-    seconds = end - job.started
     summary = folder.summarize(job.run, num_shards, rows, int(counts[1]), seconds, fabric.world_size)
     first = progress.first_batch_at
     summary["this_run"] |= {

@@ -27,12 +27,13 @@ def test_versions_missing_package_blocks_and_cpu_torch_warns():
     assert checks["cuda (torch build)"] == "warn"
 
 
-def test_fp8_backend_transformer_engine_or_torchao():
-    (missing,) = [c for c in doctor.check_versions(VERSIONS) if c.name == "fp8 backend"]
-    assert missing.status == "warn" and "--precision fp8" in missing.hint and "torchao" in missing.hint
-    for name in ("transformer_engine", "torchao"):
-        (found,) = [c for c in doctor.check_versions(VERSIONS | {name: "2.0"}) if c.name == "fp8 backend"]
-        assert found.status == "ok" and found.detail == f"{name} 2.0"
+def test_fp8_line_says_whether_transformer_engine_runs_and_why_not():
+    missing = doctor.check_fp8(
+        (False, "transformer_engine is not installed (pip install transformer_engine[pytorch])")
+    )
+    assert missing.status == "warn" and "not installed" in missing.detail
+    assert doctor.check_fp8((True, "transformer_engine 2.20.2: FP8 available on NVIDIA H200")).status == "ok"
+    assert doctor.check_fp8(doctor.transformer_engine_status()).name == "fp8 (transformer_engine)"
 
 
 def test_gpus_name_memory_capability_and_precision_hint():
@@ -100,13 +101,13 @@ def test_nccl_variables_hints():
 def test_run_checks_on_a_gpu_node_without_nccl_fails():
     facts = {"versions": VERSIONS, "gpus": [A100], "dist_available": True, "gloo": True, "nccl": False,
              "interfaces": ["lo"], "ib_devices": [], "hostname": "n1", "addresses": ["10.0.0.1"],
-             "rendezvous_addresses": []}  # fmt: skip
+             "rendezvous_addresses": [], "transformer_engine": (False, "not installed")}  # fmt: skip
     assert statuses(doctor.run_checks(facts, {}))["nccl"] == "fail"
 
 
 def _doctor(*args: str) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}  # no inherited SLURM/NCCL variables
-    return subprocess.run([sys.executable, "-m", "clip_fabric.doctor", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "clip_fabric", "doctor", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
 
 

@@ -288,3 +288,26 @@ def test_precision_plugin_runs_through_predict(tmp_path, tiny_config, tiny_check
         assert recorded == ("32-true" if precision == "auto" else precision)  # auto is 32-true on a CPU
     assert np.all((runs["32-true"] * runs["bf16-mixed"]).sum(-1) > 0.99)
     np.testing.assert_array_equal(runs["32-true"], runs["auto"])
+
+
+def test_a_resumed_run_spreads_the_shards_left_over_every_rank():
+    """After a node died, the shards left are those of its ranks: they are split again over all ranks,
+    from rank 0's view of the done shards, instead of waiting on the ranks that lost them."""
+    from types import SimpleNamespace
+
+    from clip_fabric.data import chunk
+    from clip_fabric.predict import _shards
+    from clip_fabric.strategies import hooks
+
+    source = SimpleNamespace(shards=lambda: chunk(80, 10, "list"))  # 8 shards
+    lost = {1, 3, 5, 7}  # rank 1's shards under the first run's split over 2 ranks
+    folder = SimpleNamespace(done_shards=lambda: {i: {} for i in range(8) if i not in lost})
+    mine = {}
+    for rank in range(2):
+        fabric = SimpleNamespace(
+            global_rank=rank, world_size=2, broadcast=lambda obj, src: sorted(set(range(8)) - lost)
+        )
+        shards, todo, left = _shards(source, folder, hooks("auto"), fabric)
+        mine[rank] = [s.index for s in todo]
+    assert len(shards) == 8 and left == 40
+    assert mine == {0: [1, 5], 1: [3, 7]}

@@ -1,116 +1,21 @@
-"""``doctor``: the environment checklist before a distributed run (GPUs, versions, torch.distributed and
-NCCL, the SLURM/torchrun variables, the rendezvous port, NCCL/InfiniBand settings); exit 1 on a blocker.
-Run by ``srun`` as every task of a job, the tasks also meet at the rendezvous port, and rank 0 reports
-what it sees of every node: which ranks reached it from where, ranks per node, each node's problems.
-
-Each check is a pure function returning ``Check`` values, so it is tested without GPUs or a cluster.
-"""
+"""The job's checks: the SLURM/torchrun variables, the rendezvous address and port, and, run by ``srun``
+as every task, the tasks meeting rank 0 there so that it reports what it sees of every node."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import json as jsonlib
-import os
 import re
 import socket
-import sys
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from datetime import timedelta
-from pathlib import Path
-from typing import Any, Literal
 
-Status = Literal["ok", "warn", "fail"]
+from clip_fabric.doctor.checks import Check
+
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_JOB_NUM_NODES", "SLURM_PROCID",
               "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_RESTART_COUNT")  # fmt: skip
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 TORCHRUN_PORT = 29500  # torchrun's default rendezvous port
-
-
-@dataclass(frozen=True)
-class Check:
-    """One line of the report: ``fail`` blocks a run, ``warn`` deserves a look."""
-
-    name: str
-    status: Status
-    detail: str
-    hint: str = ""
-
-
-def check_versions(versions: Mapping[str, str | None]) -> list[Check]:
-    """Versions of the stack; a missing package that predict imports is a blocker."""
-    checks = []
-    for name in ("python", "torch", "lightning", "open_clip_torch"):
-        version = versions.get(name)
-        checks.append(
-            Check(name, "ok", version)
-            if version
-            else Check(name, "fail", "not installed", f"pip install -e . (clip_fabric needs {name})")
-        )
-    cuda, nccl = versions.get("cuda"), versions.get("nccl")
-    checks.append(
-        Check("cuda (torch build)", "ok", cuda)
-        if cuda
-        else Check("cuda (torch build)", "warn", "torch is a CPU-only build", "install a CUDA wheel of torch")
-    )
-    checks.append(Check("nccl (torch build)", "ok" if nccl else "warn", nccl or "not built in"))
-    backends = [f"{n} {versions[n]}" for n in ("transformer_engine", "torchao") if versions.get(n)]
-    checks.append(
-        Check("fp8 backend", "ok", ", ".join(backends))
-        if backends
-        else Check(
-            "fp8 backend",
-            "warn",
-            "neither transformer_engine nor torchao is installed",
-            "--precision fp8 needs one of them: pip install torchao (or transformer_engine[pytorch])",
-        )
-    )
-    return checks
-
-
-def check_gpus(gpus: list[dict[str, Any]], require_gpu: bool = False) -> list[Check]:
-    """Each GPU's name, memory and compute capability, with the precision it supports.
-
-    ``gpus``: ``{"name", "memory_gb", "capability": (major, minor)}`` per device.
-    """
-    if not gpus:
-        return [
-            Check(
-                "gpus",
-                "fail" if require_gpu else "warn",
-                "no CUDA GPU visible",
-                "run on a GPU node (check CUDA_VISIBLE_DEVICES, nvidia-smi); or --accelerator cpu",
-            )
-        ]
-    checks = []
-    for index, gpu in enumerate(gpus):
-        major, minor = gpu["capability"]
-        bf16 = major >= 8  # Ampere (sm_80) and later; V100 (7.0) and T4 (7.5) have fp16 only
-        detail = f"{gpu['name']}, {gpu['memory_gb']:.1f} GB, compute capability {major}.{minor}"
-        hint = "" if bf16 else "no bf16: use --precision 16-mixed (docs/hardware.md)"
-        checks.append(Check(f"gpu {index}", "ok", detail + (", bf16" if bf16 else ", fp16 only"), hint))
-    if len({g["name"] for g in gpus}) > 1:
-        checks.append(
-            Check("gpus", "warn", "mixed GPU models on this node", "ranks run at the slowest's pace")
-        )
-    return checks
-
-
-def check_distributed(dist_available: bool, gloo: bool, nccl: bool, have_gpus: bool) -> list[Check]:
-    """Whether torch.distributed can start a process group here (gloo on CPU, NCCL on GPUs)."""
-    if not dist_available:
-        return [
-            Check("torch.distributed", "fail", "not available in this torch build", "install torch from PyPI")
-        ]
-    checks = [
-        Check("torch.distributed", "ok", f"gloo {'yes' if gloo else 'no'}, nccl {'yes' if nccl else 'no'}")
-    ]
-    if have_gpus and not nccl:
-        checks.append(
-            Check("nccl", "fail", "GPUs present but NCCL unavailable", "install a CUDA build of torch")
-        )
-    return checks
 
 
 def check_launch_env(env: Mapping[str, str]) -> list[Check]:
@@ -164,52 +69,6 @@ def check_port(port: int | None, explicit: bool, host: str = "127.0.0.1") -> Che
                 "rendezvous port", "fail" if explicit else "warn", f"{port} busy: {err.strerror}", hint
             )
     return Check("rendezvous port", "ok", f"{port} free")
-
-
-def check_nccl_env(env: Mapping[str, str], interfaces: list[str], ib_devices: list[str]) -> list[Check]:
-    """NCCL variables set, and whether they fit the interfaces and InfiniBand devices of this node."""
-    nccl = {k: v for k, v in env.items() if k.startswith("NCCL_")}
-    checks = [
-        Check("nccl variables", "ok", " ".join(f"{k}={v}" for k, v in sorted(nccl.items())) or "none set")
-    ]
-    if env.get("NCCL_P2P_DISABLE") == "1":
-        checks.append(Check("NCCL_P2P_DISABLE", "warn", "GPU peer-to-peer is off", "unset it once diagnosed"))
-    if env.get("NCCL_P2P_LEVEL") in ("NVL", "PIX", "LOC"):
-        checks.append(
-            Check(
-                "NCCL_P2P_LEVEL",
-                "warn",
-                f"{env['NCCL_P2P_LEVEL']} restricts P2P",
-                "unset it: NCCL reads the topology",
-            )
-        )
-    if env.get("NCCL_IB_DISABLE") == "1" and ib_devices:
-        checks.append(
-            Check(
-                "NCCL_IB_DISABLE",
-                "warn",
-                f"InfiniBand present ({', '.join(ib_devices)}) but disabled",
-                "multi-node traffic falls back to TCP sockets",
-            )  # fmt: skip
-        )
-    if "NCCL_SOCKET_IFNAME" in env:
-        wanted = [n.lstrip("^=") for n in env["NCCL_SOCKET_IFNAME"].split(",")]
-        excluded = env["NCCL_SOCKET_IFNAME"].startswith("^")
-        if not excluded and not any(i.startswith(w) for w in wanted for i in interfaces):
-            checks.append(
-                Check(
-                    "NCCL_SOCKET_IFNAME",
-                    "fail",
-                    f"no interface matches {env['NCCL_SOCKET_IFNAME']}",
-                    f"interfaces here: {', '.join(interfaces)}",
-                )  # fmt: skip
-            )
-    checks.append(
-        Check("infiniband", "ok", ", ".join(ib_devices))
-        if ib_devices
-        else Check("infiniband", "warn", "no InfiniBand device", "multi-node runs use TCP sockets")
-    )
-    return checks
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -385,128 +244,6 @@ def meet(env: Mapping[str, str], report: dict, timeout_s: float) -> tuple[list[d
     return reports, Check("rendezvous", "ok", f"rank 0 listens on {where}; {len(reports)}/{world} ranks met")
 
 
-def _installed(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _addresses(host: str) -> list[str]:
-    try:
-        return sorted({info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)})
-    except OSError:
-        return []
-
-
-def gather() -> dict[str, Any]:
-    """What the checks read from this machine (the only function that touches torch and the system)."""
-    import torch
-    import torch.distributed as dist
-
-    cuda_ok = torch.cuda.is_available()
-    gpus = []
-    for i in range(torch.cuda.device_count() if cuda_ok else 0):
-        props = torch.cuda.get_device_properties(i)
-        gpus.append({"name": props.name, "memory_gb": props.total_memory / 2**30,
-                     "capability": (props.major, props.minor)})  # fmt: skip
-    nccl = None
-    if torch.version.cuda and hasattr(torch.cuda, "nccl"):
-        try:
-            nccl = ".".join(map(str, torch.cuda.nccl.version()))
-        except (RuntimeError, AttributeError):
-            nccl = None
-    ib = Path("/sys/class/infiniband")
-    return {
-        "versions": {
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "lightning": _installed("lightning"),
-            "open_clip_torch": _installed("open_clip_torch"),
-            "cuda": torch.version.cuda,
-            "nccl": nccl,
-            "transformer_engine": _installed("transformer_engine") or _installed("transformer-engine"),
-            "torchao": _installed("torchao"),
-        },
-        "gpus": gpus,
-        "dist_available": dist.is_available(),
-        "gloo": dist.is_available() and dist.is_gloo_available(),
-        "nccl": dist.is_available() and dist.is_nccl_available(),
-        "interfaces": [name for _, name in socket.if_nameindex()],
-        "hostname": socket.gethostname(),
-        "addresses": _addresses(socket.gethostname()),
-        "rendezvous_addresses": _addresses(host) if (host := rendezvous_host(os.environ)) else [],
-        "ib_devices": sorted(p.name for p in ib.iterdir()) if ib.is_dir() else [],
-    }
-
-
-def run_checks(facts: dict[str, Any], env: Mapping[str, str], require_gpu: bool = False) -> list[Check]:
-    """Every check over the gathered ``facts`` and the environment ``env``."""
-    port, explicit = rendezvous_port(env)
-    nodes = int(env.get("SLURM_JOB_NUM_NODES", "1"))
-    port_check = check_port(port, explicit)
-    if in_srun_step(env) and env["SLURM_PROCID"] != "0":  # rank 0's doctor may be listening on it by now
-        port_check = Check("rendezvous port", "ok", f"{port}: rank 0's to check, on its node")
-    return [
-        *check_versions(facts["versions"]),
-        *check_gpus(facts["gpus"], require_gpu),
-        *check_distributed(facts["dist_available"], facts["gloo"], facts["nccl"], bool(facts["gpus"])),
-        *check_launch_env(env),
-        port_check,
-        *check_rendezvous_host(rendezvous_host(env), facts["rendezvous_addresses"], nodes),
-        *check_nccl_env(env, facts["interfaces"], facts["ib_devices"]),
-        check_hostname(facts["hostname"], facts["addresses"], nodes, bool(facts["gpus"])),
-    ]
-
-
 def in_srun_step(env: Mapping[str, str]) -> bool:
     """Whether this process is one of several tasks that ``srun`` started (not the batch script itself)."""
     return "SLURM_STEP_ID" in env and "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1
-
-
-def setup(json: bool = False, require_gpu: bool = False, meet_timeout_s: float = 60) -> None:
-    """Check this machine for a distributed run; exit status 1 when something blocks it.
-
-    Run by ``srun`` as every task of a job (``srun python -m clip_fabric doctor``), the tasks meet rank 0
-    at the rendezvous address and port, and rank 0 prints what it sees of every node (the others print
-    only their blockers).
-
-    Args:
-        json: Print the checks as a JSON list instead of a table.
-        require_gpu: Treat the absence of a CUDA GPU as a blocking failure (on GPU nodes).
-        meet_timeout_s: Under srun: how long rank 0 waits for every rank at the rendezvous port, and
-            the other ranks for rank 0.
-    """
-    env, facts = os.environ, gather()
-    checks = run_checks(facts, env, require_gpu)
-    shown = True
-    if in_srun_step(env):
-        problems = [f"{c.status.upper()} {c.name}" + (f" ({c.detail})" if c.status == "fail" else "")
-                    for c in checks if c.status != "ok"]  # fmt: skip
-        report = {"rank": int(env["SLURM_PROCID"]), "node": env.get("SLURMD_NODENAME", facts["hostname"]),
-                  "address": ", ".join(facts["addresses"]), "gpus": len(facts["gpus"]),
-                  "problems": problems}  # fmt: skip
-        blocked = any(c.name == "rendezvous host" and c.status == "fail" for c in checks)
-        reports, line = (None, None) if blocked else meet(env, report, meet_timeout_s)
-        checks += [line] if line else []
-        if reports is not None:
-            port, _ = rendezvous_port(env)
-            checks += check_nodes(reports, tasks_per_node(env) or {}, f"{rendezvous_host(env)}:{port}")
-        shown = reports is not None or any(c.status == "fail" for c in checks)
-    if shown and json:
-        print(jsonlib.dumps([asdict(c) for c in checks], indent=2))
-    elif shown:
-        width = max(len(c.name) for c in checks)
-        for c in checks:
-            print(
-                f"{c.status.upper():4}  {c.name:<{width}}  {c.detail}" + (f"  -> {c.hint}" if c.hint else "")
-            )
-    failed = [c.name for c in checks if c.status == "fail"]
-    if failed:
-        sys.exit(f"clip_fabric doctor: blocking: {', '.join(failed)}")
-
-
-if __name__ == "__main__":
-    from jsonargparse import CLI
-
-    CLI(setup, as_positional=False)
