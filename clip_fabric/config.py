@@ -174,7 +174,8 @@ class OutputArgs:
     """Where and how the embeddings are written."""
 
     dir: str = "out"
-    """Output folder, laid out as clip-retrieval's (img_emb/, text_emb/, metadata/)."""
+    """Output folder or fsspec URL (``file://``, ``s3://`` with s3fs, ``gs://`` with gcsfs), laid out as
+    clip-retrieval's (img_emb/, text_emb/, metadata/)."""
     dtype: Literal["float16", "float32"] = "float16"
     """Storage dtype of the L2-normalised embeddings."""
     overwrite: bool = False
