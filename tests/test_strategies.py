@@ -120,3 +120,78 @@ def test_tensor_parallel_size_must_split_heads(tiny_config):
         check_shardable(model, 4)
     with pytest.raises(ValueError, match="--tensor_parallel_size 2 must divide the world size 3"):
         build_strategy("tensor_parallel", 3, 1, tensor_parallel_size=2)
+
+
+def _hybrid_pair_with_one_oom(rank: int, port: int, results) -> None:
+    """Ranks 0 (vision) and 1 (text) of a hybrid pair; the vision tower runs out of memory once."""
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from clip_fabric.encode import ChunkedEmbedder
+    from clip_fabric.strategies.hybrid import _DONE, PairedEmbedder
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=20))
+
+    class Towers(torch.nn.Module):
+        calls = 0
+
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.text_projection = torch.nn.Parameter(torch.zeros(3, 4))
+
+        def image_features(self, images):
+            Towers.calls += 1
+            if Towers.calls == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return images.float().repeat(1, 4)
+
+        def text_features(self, tokens):
+            return tokens[:, :1].float().repeat(1, 4)
+
+        def combine(self, image, text):
+            return {"image": image, "text": text}
+
+    if rank == 0:
+        embedder = ChunkedEmbedder(PairedEmbedder(Towers(), 1), 4)
+        ids = torch.arange(4).view(4, 1)
+        out = embedder(ids, ids.repeat(1, 3))
+        results.put((out["image"][:, 0].tolist(), out["text"][:, 0].tolist(), embedder.max_batch))
+        dist.send(torch.tensor([_DONE, 0]), 1)
+    else:
+        header = torch.empty(2, dtype=torch.int64)
+        while True:
+            dist.recv(header, 0)
+            rows, length = header.tolist()
+            if rows == _DONE:
+                break
+            tokens = torch.empty(rows, length, dtype=torch.int64)
+            dist.recv(tokens, 0)
+            dist.send(Towers().text_features(tokens).contiguous(), 0)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_hybrid_out_of_memory_retry_keeps_the_pair_in_step():
+    """The partner had encoded the failed chunk's texts: the vision rank takes that reply before retrying
+    in halves, so each retried chunk gets its own texts' features (it deadlocked before)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    workers = [context.Process(target=_hybrid_pair_with_one_oom, args=(r, port, results)) for r in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    assert all(w.exitcode == 0 for w in workers), [w.exitcode for w in workers]
+    image, text, max_batch = results.get(timeout=5)
+    assert image == text == [0.0, 1.0, 2.0, 3.0] and max_batch == 2

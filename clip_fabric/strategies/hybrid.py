@@ -23,6 +23,16 @@ from clip_fabric.topology import ParallelDims, TowerLayout, TowerPairs
 _DONE = -1
 
 
+def embedding_dim(model: nn.Module) -> int:
+    """The width of either tower's embeddings (CLIP projects both to one width)."""
+    projection = getattr(model, "text_projection", None)
+    if isinstance(projection, nn.Linear):
+        return projection.out_features
+    if projection is not None:
+        return projection.shape[-1]  # known on the meta device too, where a vision rank drops the text tower
+    return model.text.output_dim  # CustomTextCLIP
+
+
 class PairedEmbedder(nn.Module):
     """The vision rank's encoder: image features here, text features from the partner rank."""
 
@@ -34,7 +44,17 @@ class PairedEmbedder(nn.Module):
     def forward(self, images: Tensor | None = None, texts: Tensor | None = None) -> dict[str, Tensor]:
         header = torch.tensor(texts.shape, dtype=torch.int64, device=texts.device)
         sends = [dist.isend(header, self.partner), dist.isend(texts.contiguous(), self.partner)]
-        image = self.encoder.image_features(images)  # while the partner encodes the texts
+        try:
+            image = self.encoder.image_features(images)  # while the partner encodes the texts
+        except BaseException:
+            # The partner encodes these texts anyway: take its reply, so that a retry of a smaller chunk
+            # (out of memory) meets the partner at the next header instead of deadlocking the pair.
+            dist.recv(
+                torch.empty(len(texts), embedding_dim(self.encoder.model), device=texts.device), self.partner
+            )
+            for request in sends:
+                request.wait()
+            raise
         text = torch.empty_like(image)
         dist.recv(text, self.partner)
         for request in sends:
