@@ -27,10 +27,13 @@ def is_out_of_memory(err: BaseException) -> bool:
 class ChunkedEmbedder:
     """Calls ``encode(images, texts) -> {tower: embeddings}`` on chunks of at most ``max_batch`` rows."""
 
-    def __init__(self, encode: Callable[..., dict[str, Tensor]], max_batch: int) -> None:
+    def __init__(
+        self, encode: Callable[..., dict[str, Tensor]], max_batch: int, retries_oom: bool = True
+    ) -> None:
         self.encode = encode
         self.module = encode  # the set-up module, for strategies that need it
         self.max_batch = max_batch
+        self.retries_oom = retries_oom  # False where ranks compute a batch together (tensor_parallel)
 
     def __call__(self, images: Tensor | None, texts: Tensor | None) -> dict[str, Tensor]:
         rows = len(images if images is not None else texts)
@@ -42,7 +45,7 @@ class ChunkedEmbedder:
                     self.encode(*(x[start:stop] if x is not None else None for x in (images, texts)))
                 )
             except (torch.OutOfMemoryError, RuntimeError) as err:
-                if not is_out_of_memory(err) or stop - start == 1:
+                if not is_out_of_memory(err) or stop - start == 1 or not self.retries_oom:
                     raise
                 self.max_batch = max((stop - start) // 2, 1)
                 log.warning(

@@ -132,7 +132,7 @@ def main(
     decode = resolve_decode(data.decode, fabric.device, preprocess)
     mode = MODES["both"] if task == "retrieval" else MODES["image"]  # retrieval pairs need captions
     batch_size = choose_batch_size(fabric, module, model, data, mode.towers, decode)
-    encoder = ChunkedEmbedder(module, batch_size)
+    encoder = ChunkedEmbedder(module, batch_size, strategy.retries_oom)
     loader = device_batches(
         source, mine, preprocess, tokenizer, data, batch_size, fabric.device, decode, mode,
         fabric.world_size // config["num_nodes"],

@@ -173,7 +173,7 @@ def _build_embedder(
     """The set-up embedder of this mode's outputs; in ``zeroshot`` with its classifier, built once by all
     ranks together, and the class names."""
     module = fabric.setup_module(Embedder(model, job.mode.encoder_outputs, job.zeroshot.top_k))
-    embedder = ChunkedEmbedder(module, DEFAULT_BATCH_SIZE)
+    embedder = ChunkedEmbedder(module, DEFAULT_BATCH_SIZE, hooks(fabric.strategy).retries_oom)
     if not job.mode.labels:
         return embedder, None
 

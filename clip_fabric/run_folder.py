@@ -241,6 +241,9 @@ class RunFolder:
         """Done records of the shards completed so far, by shard index. A damaged marker (cut, empty,
         not a record) means its shard is redone: a warning names the file."""
         done = {}
+        # Object-store filesystems (s3fs, gcsfs) cache listings per process, and only the writing process
+        # drops its cache: another rank's markers would stay unseen.
+        self.fs.invalidate_cache(self.path(DONE_DIR))
         try:  # a listing, not a glob: the folder's own name may hold glob characters
             paths = sorted(p for p in self.fs.ls(self.path(DONE_DIR), detail=False) if p.endswith(".json"))
         except FileNotFoundError:

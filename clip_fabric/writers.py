@@ -108,7 +108,9 @@ class ShardWriter:
     def _put_shard(self, shard: int, source: str, buffer: _ShardRows) -> None:
         name = shard_name(shard, self.num_shards)
         for tower, sub in EMBEDDING_DIRS.items():
-            arrays = buffer.embeddings.get(tower)
+            # A shard whose rows were all filtered (--threshold) has no metadata file: no embedding files
+            # either, or readers that pair them (embedding-reader) trip on zero-row arrays.
+            arrays = buffer.embeddings.get(tower) if buffer.rows else None
             self._replace(f"{sub}/{sub}_{name}.npy", np.concatenate(arrays) if arrays else None)
         self._replace(f"metadata/metadata_{name}.parquet", _table(buffer.rows))
         self._replace(f"errors/errors_{name}.parquet", _table(buffer.errors))

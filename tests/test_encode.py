@@ -64,3 +64,20 @@ def test_a_stop_finishes_the_shards_begun_and_begins_no_other():
         (open_shards.discard if batch.last else open_shards.add)(batch.shard)
     # Shards 0 and 1 are completed; shards 2 and 3, not begun before the signal, are left for the rerun.
     assert written == [(0, False), (1, False), (0, True), (1, True)]
+
+
+def test_no_retry_where_a_forward_is_collective():
+    """Under tensor_parallel one rank's retry in halves would leave its group mid-collective: it raises."""
+    import pytest
+
+    from clip_fabric.encode import ChunkedEmbedder
+    from clip_fabric.strategies import STRATEGIES
+
+    def oom(images, texts):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    assert not STRATEGIES["tensor_parallel"].retries_oom and STRATEGIES["ddp"].retries_oom
+    embedder = ChunkedEmbedder(oom, 8, retries_oom=False)
+    with pytest.raises(torch.OutOfMemoryError):
+        embedder(torch.zeros(8, 1), None)
+    assert embedder.max_batch == 8

@@ -191,3 +191,21 @@ def test_readme_embedding_reader_example_reads_every_input_kind(
         assert meta["image_path"].notna().all()
     else:
         assert all(Path(path).is_file() for path in meta["image_path"])
+
+
+def test_a_shard_whose_pairs_are_all_filtered_has_no_embedding_files(tmp_path):
+    """--threshold can drop every pair of a shard: it is done, with neither metadata nor zero-row arrays
+    (embedding-reader pairs each .npy with its parquet)."""
+    from clip_fabric.modes import MODES
+
+    image = np.eye(3, dtype=np.float32)
+    scores = np.array([0.1, 0.2, 0.3])
+    outputs = {"image": image, "text": image, "similarity": scores}
+    finished = MODES["both"].finish([{"key": str(i)} for i in range(3)], outputs, threshold=0.9)
+    assert finished.rows == [] and finished.filtered == 3
+    writer = ShardWriter(str(tmp_path), num_shards=1, dtype="float32")
+    writer.add(0, "s0", finished, [], last=True)
+    writer.close()
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert files == ["_done/0.json"], files
+    assert json.loads((tmp_path / "_done" / "0.json").read_text())["filtered"] == 3

@@ -91,6 +91,8 @@ class VisionTensorParallelStrategy(InferenceStrategy, ModelParallelStrategy):
     """Fabric's ``ModelParallelStrategy`` with the vision plan; ranks of one tensor-parallel group read
     the same shards (they compute one batch together) and only the first of them writes."""
 
+    retries_oom = False
+
     def __init__(self, tensor_parallel_size: int | str = "auto", **kwargs) -> None:
         super().__init__(parallelize_vision, tensor_parallel_size=tensor_parallel_size, **kwargs)
 
