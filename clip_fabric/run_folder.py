@@ -176,11 +176,12 @@ class RunFolder:
             )
         current = json.loads(json.dumps(run["fingerprint"], default=str))
         if stored != current:
-            changed = sorted(k for k in current.keys() | stored.keys() if stored.get(k) != current.get(k))
+            keys = sorted(k for k in current.keys() | stored.keys() if stored.get(k) != current.get(k))
             raise ValueError(
-                f"{self.url} holds a run with a different {', '.join(changed)}: resume it with the same "
-                "settings and files, choose another --output.dir, or pass --output.overwrite true to "
-                "start again"
+                f"{self.url} holds a run with a different {', '.join(keys)}: "
+                f"{'; '.join(_differences(stored, current))}. Resume it with the settings it was made with "
+                "(a precision or shard size that auto resolved differently can be passed by name), "
+                "choose another --output.dir, or pass --output.overwrite true to start again"
             )
         self._check_plan(run["plan"])
 
@@ -283,6 +284,23 @@ class RunFolder:
 
     def write_summary(self, summary: dict) -> None:
         self.put(SUMMARY_FILE, json.dumps(summary, indent=2, default=str).encode())
+
+
+def _differences(before: dict, now: dict, prefix: str = "") -> list[str]:
+    """``key: before -> now`` for every setting that differs, nested keys dotted; long values elided."""
+    out = []
+    for key in sorted(before.keys() | now.keys()):
+        a, b = before.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {_short(a)} -> {_short(b)}")
+    return out
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def exit_status(summary: dict) -> tuple[int, str | None]:

@@ -383,3 +383,16 @@ def test_exit_status_of_summaries():
     assert run_folder.exit_status(base | {"rows": 0})[0] == EXIT_NO_ROWS
     assert run_folder.exit_status(base | {"rows": 0, "filtered": 4})[0] == 0  # all under --threshold
     assert run_folder.exit_status(base | {"shards_total": 0, "shards_done": 0, "rows": 0})[0] == EXIT_NO_ROWS
+
+
+def test_a_refusal_names_each_setting_with_its_old_and_new_value():
+    """A folder made when auto meant bf16-mixed and shards were 10,000 names what to pass to resume it."""
+    from clip_fabric.run_folder import _differences
+
+    before = {"precision": "bf16-mixed", "data": {"shard_size": 10000, "format": "folder"}, "mode": "image"}
+    now = {"precision": "bf16-true", "data": {"shard_size": "auto", "format": "folder"}, "mode": "image"}
+    assert _differences(before, now) == [
+        "data.shard_size: 10000 -> 'auto'",
+        "precision: 'bf16-mixed' -> 'bf16-true'",
+    ]
+    assert _differences(now, now) == []
