@@ -93,3 +93,9 @@ def die_with_launcher(local_rank: int) -> None:
         return
     if os.getppid() != parent:  # the launcher was gone before the request was made
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def launched_ranks(fabric: Fabric) -> list[int]:
+    """The pids of the ranks this process started (Fabric's launcher, on local rank 0); none elsewhere."""
+    launcher = getattr(fabric.strategy, "launcher", None)
+    return [proc.pid for proc in getattr(launcher, "procs", [])]

@@ -18,7 +18,7 @@ from clip_fabric.data import Shard, Source, build_source
 from clip_fabric.data.pipeline import choose_batch_size, device_batches, resolve_decode
 from clip_fabric.data.sizing import resolve_num_workers
 from clip_fabric.encode import DEFAULT_BATCH_SIZE, ChunkedEmbedder, encode_in_order
-from clip_fabric.launch import build_fabric, die_with_launcher, launch_docs
+from clip_fabric.launch import build_fabric, die_with_launcher, launch_docs, launched_ranks
 from clip_fabric.model import Embedder, check_model, load_model
 from clip_fabric.modes import MODES, Mode, ModeName
 from clip_fabric.precision import resolve_precision
@@ -136,13 +136,13 @@ def main(fabric: Fabric, job: Job) -> dict:
     while the ranks meet for the summary (a rank done early) must not kill that rank with the default
     action, which fails the other ranks in their collectives."""
     die_with_launcher(fabric.local_rank)
-    with StopRequest() as stop:
+    with StopRequest(lambda: launched_ranks(fabric)) as stop:
         folder, strategy = RunFolder(job.output.dir), hooks(fabric.strategy)
         fabric.barrier()
         model, preprocess, tokenizer = load_model(job.model)
         embedder, class_names = _build_embedder(fabric, job, model, tokenizer)
         shards, mine, left = _shards(job.source, folder, strategy, fabric)
-        local_ranks = fabric.world_size // job.run["config"]["num_nodes"]
+        local_ranks = strategy.reading_ranks(fabric.world_size // job.run["config"]["num_nodes"])
         _warn_idle_workers(fabric, job, shards, resolve_num_workers(job.data.num_workers, local_ranks))
         decode = (
             resolve_decode(job.data.decode, fabric.device, preprocess) if job.mode.reads_images else "none"
@@ -247,7 +247,13 @@ def _finish(
         )
     )
     fabric.barrier()
-    summary = folder.summarize(job.run, num_shards, rows, int(counts[1]), seconds, fabric.world_size)
+    # Rank 0 reads the done markers (one listing, not one per rank: on a store each is a request).
+    summary = (
+        folder.summarize(job.run, num_shards, rows, int(counts[1]), seconds, fabric.world_size)
+        if fabric.global_rank == 0
+        else None
+    )
+    summary = fabric.broadcast(summary, src=0)
     first = progress.first_batch_at
     summary["this_run"] |= {
         "batch_size": batch_size,

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import threading
 from collections.abc import Callable
+from contextlib import suppress
 
 log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -18,11 +19,16 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class StopRequest:
-    """Set by a stop signal; the predict loop finishes the shards it has open, then stops."""
+    """Set by a stop signal; the predict loop finishes the shards it has open, then stops.
 
-    def __init__(self) -> None:
+    ``forward_to`` gives the pids of the ranks this process launched (Fabric's launcher is rank 0): a
+    signal sent to rank 0 alone (``docker stop``, a pod's termination, ``kill``) reaches them too. Under
+    SLURM every process gets the signal already; a second copy only repeats the request."""
+
+    def __init__(self, forward_to: Callable[[], list[int]] = list) -> None:
         self.signal: int | None = None
         self._previous: dict[int, object] = {}
+        self._forward_to = forward_to
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():  # Python only signals the main thread
@@ -34,8 +40,11 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: object) -> None:
-        self.signal = signum
+        first, self.signal = self.signal is None, signum
         log.warning("received %s: finishing the open shards, then stopping", signal.Signals(signum).name)
+        for pid in self._forward_to() if first else ():
+            with suppress(ProcessLookupError):
+                os.kill(pid, signum)
 
     def __bool__(self) -> bool:
         return self.signal is not None

@@ -308,3 +308,40 @@ def test_a_signal_to_one_tensor_parallel_rank_stops_the_group_together(tmp_path,
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert read_output(out)[1] == [f"{i:09d}" for i in range(240)]
+
+
+@pytest.mark.slow
+def test_a_signal_to_rank_0_alone_stops_every_rank(tmp_path, tiny_config):
+    """``docker stop`` or a pod's termination signals only the launcher (rank 0): it passes the signal on
+    to the ranks it started, so they finish their open shards too instead of computing all of theirs."""
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "clip_fabric", "predict", "--accelerator", "cpu", "--devices", "2",
+        "--model.config", str(tiny_config), "--data.format", "synthetic",
+        "--data.image_size", "[64,48]", "--data.num_samples", "480",
+        "--data.shard_size", "8", "--data.batch_size", "4", "--data.num_workers", "2",
+        "--output.dir", str(out),
+    ]  # fmt: skip
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("SLURM_JOB_ID", None)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    stderr = _StreamReader(proc.stderr)
+    deadline = time.monotonic() + 180
+    while stderr.rows_written() < 32 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGTERM)  # rank 0 only
+    try:
+        proc.wait(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    stderr.join()
+    assert proc.returncode == 75, stderr.text()[-3000:]  # shards left: rerun to resume
+    done = {int(p.stem) for p in (out / "_done").glob("*.json")}
+    rank_1 = set(range(1, 60, 2))  # its split of the 60 shards
+    assert done & rank_1 and not rank_1 <= done, sorted(done)  # it worked, and stopped before the end
+    assert stderr.text().count("received SIGTERM") == 2  # rank 0, then rank 1 from rank 0
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert read_output(out)[1] == [f"{i:09d}" for i in range(480)]

@@ -16,8 +16,9 @@ from clip_fabric.data.sizing import MAX_WORKERS, auto_num_workers, auto_shard_si
         (2, 1, {}, 1),  # never none
         (1, 4, {}, 1),
         (256, 1, {}, MAX_WORKERS),  # capped
-        (128, 8, {"SLURM_CPUS_PER_TASK": "12"}, 11),  # SLURM's share per task (= per rank)
+        (128, 8, {"SLURM_CPUS_PER_TASK": "12", "SLURM_NTASKS": "16"}, 11),  # SLURM's share per task = rank
         (8, 1, {"SLURM_CPUS_PER_TASK": "12"}, 7),  # but no more than the affinity mask allows
+        (64, 8, {"SLURM_CPUS_PER_TASK": "64", "SLURM_NTASKS": "1"}, 7),  # one task, 8 ranks: shared
         (16, 2, {"SLURM_CPUS_PER_TASK": ""}, 7),
     ],
 )

@@ -195,3 +195,8 @@ def test_hybrid_out_of_memory_retry_keeps_the_pair_in_step():
     assert all(w.exitcode == 0 for w in workers), [w.exitcode for w in workers]
     image, text, max_batch = results.get(timeout=5)
     assert image == text == [0.0, 1.0, 2.0, 3.0] and max_batch == 2
+
+
+def test_only_vision_ranks_share_the_cpus_under_hybrid():
+    assert build_strategy("hybrid", 8, 1).reading_ranks(8) == 4
+    assert build_strategy("ddp", 8, 1).reading_ranks(8) == 8

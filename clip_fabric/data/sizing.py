@@ -15,12 +15,18 @@ def auto_num_workers(
     local_ranks: int = 1, cpus: int | None = None, env: Mapping[str, str] = os.environ
 ) -> int:
     """Workers for one rank: the CPUs it may use, less one for its main process. Under SLURM that is
-    ``SLURM_CPUS_PER_TASK`` (the task is the rank); elsewhere the CPUs of this process's affinity mask
-    (a container's or taskset's limit, not the machine's) shared among the ``local_ranks`` of the node."""
+    ``SLURM_CPUS_PER_TASK``, per rank where srun started one task per rank, shared among the
+    ``local_ranks`` where one task started them all (Fabric's launcher in a one-task allocation);
+    elsewhere the CPUs of this process's affinity mask (a container's or taskset's limit, not the
+    machine's) shared among the ``local_ranks`` of the node."""
     if cpus is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     per_task = env.get("SLURM_CPUS_PER_TASK", "")
-    share = min(cpus, int(per_task)) if per_task.isdigit() else cpus // max(local_ranks, 1)
+    task_per_rank = int(env.get("SLURM_NTASKS", "1") or 1) > 1
+    if per_task.isdigit():
+        share = min(cpus, int(per_task)) // (1 if task_per_rank else max(local_ranks, 1))
+    else:
+        share = cpus // max(local_ranks, 1)
     return max(1, min(share - 1, MAX_WORKERS))
 
 

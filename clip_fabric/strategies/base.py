@@ -39,6 +39,10 @@ class InferenceStrategy:
             raise ValueError("--tensor_parallel_size is for --strategy tensor_parallel")
         return ParallelDims(world_size)
 
+    def reading_ranks(self, local_ranks: int) -> int:
+        """How many of a node's ``local_ranks`` read and decode shards (and share its CPUs for that)."""
+        return local_ranks
+
     def shard_split(self, rank: int, world_size: int) -> tuple[int, int] | None:
         """``(index, count)``: this rank takes every ``count``-th shard from ``index``; None: no shards."""
         return rank, world_size

@@ -93,6 +93,9 @@ class HybridTowerStrategy(InferenceDDPStrategy):
     def role(self) -> str:
         return self.pairs.role(self.global_rank)
 
+    def reading_ranks(self, local_ranks: int) -> int:
+        return max(local_ranks // 2, 1)  # text ranks read nothing: their partners read for them
+
     def shard_split(self, rank: int, world_size: int) -> tuple[int, int] | None:
         """A vision rank takes its pair's share of the shards; a text rank reads none."""
         return (self.pairs.pair(rank), self.pairs.num_pairs) if self.role == "vision" else None
