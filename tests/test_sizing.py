@@ -44,3 +44,15 @@ def test_an_8000_image_folder_gives_workers_shards_to_share():
     assert len(shards) == 8 and shards[-1].stop == 8_000
     assert [s.start for s in shards] == list(range(0, 8_000, 1024))
     assert len(chunk(20_000, "auto", "folder")) == 20  # 16 workers of one H200 all busy
+
+
+def test_auto_workers_fit_shared_memory():
+    """A float32 batch of 1024 images at 224x224 is 616 MB; a container's 64 MB /dev/shm holds none."""
+    from clip_fabric.data.sizing import cap_by_shared_memory
+
+    batch = 1024 * 3 * 224 * 224 * 4
+    assert cap_by_shared_memory(15, batch, free=64 << 20) == 1  # never none: the run still goes
+    assert cap_by_shared_memory(15, batch, free=10 * batch) == 2  # half of it, two batches per worker
+    assert cap_by_shared_memory(15, batch, local_ranks=2, free=16 * batch) == 2
+    assert cap_by_shared_memory(15, batch, free=1 << 40) == 15
+    assert cap_by_shared_memory(15, 0, free=0) == 15  # JPEG bytes for the GPU decoder: not counted

@@ -119,8 +119,15 @@ def device_batches(
         source, shards, cpu, batch_size, mode.reads_images, mode.caption_required, gpu_jpeg=gpu,
         cpu_share=data.cpu_decode_share,
     )  # fmt: skip
-    # A worker reads whole shards: no more workers than there are.
-    workers = min(resolve_num_workers(data.num_workers, local_ranks), len(shards))
+    # Decoded float32 images (12 bytes a pixel) cross from the workers through shared memory, which caps
+    # --data.num_workers auto; JPEG bytes for the GPU decoder are small. A worker reads whole shards: no
+    # more workers than there are.
+    batch_bytes = (
+        12 * batch_size * cpu.spec.crop[0] * cpu.spec.crop[1]
+        if cpu.spec and mode.reads_images and not gpu
+        else 0
+    )
+    workers = min(resolve_num_workers(data.num_workers, local_ranks, batch_bytes), len(shards))
     loader = DataLoader(
         stream,
         batch_size=None,

@@ -30,8 +30,39 @@ def auto_num_workers(
     return max(1, min(share - 1, MAX_WORKERS))
 
 
-def resolve_num_workers(num_workers: int | str, local_ranks: int = 1) -> int:
-    return auto_num_workers(local_ranks) if num_workers == "auto" else int(num_workers)
+def resolve_num_workers(num_workers: int | str, local_ranks: int = 1, batch_bytes: int = 0) -> int:
+    """``--data.num_workers``, or ``auto``'s count capped by shared memory for batches of ``batch_bytes``."""
+    if num_workers != "auto":
+        return int(num_workers)
+    workers = auto_num_workers(local_ranks)
+    capped = cap_by_shared_memory(workers, batch_bytes, local_ranks)
+    if capped < workers:
+        log.warning(
+            "--data.num_workers auto: %d workers, not %d: /dev/shm holds too few batches of %.0f MB "
+            "(raise the container's --shm-size for more)", capped, workers, batch_bytes / 1e6,
+        )  # fmt: skip
+    return capped
+
+
+PREFETCH = 2  # batches each DataLoader worker keeps ready (its default prefetch_factor)
+
+
+def cap_by_shared_memory(
+    workers: int, batch_bytes: int, local_ranks: int = 1, free: int | None = None
+) -> int:
+    """At most as many workers as half of the free shared memory (``/dev/shm``, where worker batches
+    travel) holds batches in flight for, shared among the node's ranks: a container's small default
+    ``--shm-size`` otherwise ends the run with a bus error in a worker."""
+    if batch_bytes <= 0:
+        return workers
+    if free is None:
+        try:
+            stat = os.statvfs("/dev/shm")
+        except OSError:
+            return workers
+        free = stat.f_bavail * stat.f_frsize
+    fits = free // 2 // max(local_ranks, 1) // (PREFETCH * batch_bytes)
+    return max(1, min(workers, fits))
 
 
 def auto_shard_size(count: int) -> int:
