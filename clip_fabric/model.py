@@ -219,6 +219,22 @@ def _check_hf_hub_model(args: ModelArgs) -> None:
         ) from None
 
 
+def hf_hub_revision(args: ModelArgs) -> str | None:
+    """The commit of the cached snapshot an ``hf-hub:`` model's weights load from (None for other
+    models): a repo can change under the same name, and a resumed run must not mix its two versions."""
+    if not args.name.startswith(HF_HUB_PREFIX):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = args.name[len(HF_HUB_PREFIX) :]
+    for name in HF_WEIGHT_FILES:
+        found = try_to_load_from_cache(repo, name, cache_dir=args.cache_dir)
+        if isinstance(found, str) and "snapshots" in Path(found).parts:
+            parts = Path(found).parts
+            return parts[parts.index("snapshots") + 1]
+    return None
+
+
 def _hf_file_cached(repo: str, what: str, cache_dir: str | None) -> bool:
     """Whether the repo's open_clip config, or its weights (safetensors or .bin), are in the cache."""
     from huggingface_hub import try_to_load_from_cache

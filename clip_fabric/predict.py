@@ -19,7 +19,7 @@ from clip_fabric.data.pipeline import choose_batch_size, device_batches, resolve
 from clip_fabric.data.sizing import resolve_num_workers
 from clip_fabric.encode import DEFAULT_BATCH_SIZE, ChunkedEmbedder, encode_in_order
 from clip_fabric.launch import build_fabric, die_with_launcher, launch_docs, launched_ranks
-from clip_fabric.model import Embedder, check_model, load_model
+from clip_fabric.model import Embedder, check_model, hf_hub_revision, load_model
 from clip_fabric.modes import MODES, Mode, ModeName
 from clip_fabric.precision import resolve_precision
 from clip_fabric.preemption import StopRequest, requeue_slurm_job
@@ -100,7 +100,9 @@ def setup(
     check_model(model)
     source = build_source(data, text_only=not job_mode.reads_images)
     run = {
-        "fingerprint": fingerprint(model, data, output, mode, resolve_precision(precision, accelerator))
+        "fingerprint": fingerprint(
+            model, data, output, mode, resolve_precision(precision, accelerator), hf_hub_revision(model)
+        )
         | {"threshold": threshold, "zeroshot": asdict(zeroshot) if job_mode.labels else None},
         "config": {
             "model": asdict(model),

@@ -49,14 +49,23 @@ FULL_HASH_MAX = 64 << 20
 PARTIAL = 4 << 20
 
 
-def fingerprint(model: ModelArgs, data: DataArgs, output: OutputArgs, mode: str, precision: str) -> dict:
+def fingerprint(
+    model: ModelArgs,
+    data: DataArgs,
+    output: OutputArgs,
+    mode: str,
+    precision: str,
+    hub_revision: str | None = None,
+) -> dict:
     """What must not change between a run and its resumption: anything that changes the rows written,
     including the contents of the checkpoint and model-config files (a file replaced at the same path
-    must not mix old and new weights in one folder)."""
+    must not mix old and new weights in one folder) and an ``hf-hub:`` repo's snapshot commit."""
     weights = model.pretrained if model.pretrained and Path(model.pretrained).is_file() else None
+    # An open_clip tag names its weights by itself; an hf-hub: repo can change under its name.
+    revision = {"hf_hub_revision": hub_revision} if hub_revision else None
     return {
         "model": asdict(model) | {"cache_dir": None},
-        "weights": file_digest(weights) if weights else None,  # a tag names its weights by itself
+        "weights": file_digest(weights) if weights else revision,
         "model_config": file_digest(model.config) if model.config else None,
         # How fast, not what: the share of JPEGs the CPU takes beside the GPU decoder changes no row.
         "data": {

@@ -98,3 +98,22 @@ def test_predict_with_a_hub_model_from_hf_home(tmp_path, tiny_weights):
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "4 rows" in result.stdout and "RANDOM weights" not in result.stderr
+
+
+def test_a_hub_repo_that_changed_is_not_resumed_into(tmp_path, tiny_weights):
+    """A new commit of the repo under the same name is other weights: the fingerprint holds the snapshot."""
+    from clip_fabric.config import DataArgs, OutputArgs
+    from clip_fabric.model import hf_hub_revision
+    from clip_fabric.run_folder import fingerprint
+
+    cache = hub_cache(tmp_path / "hub", tiny_weights)
+    args = ModelArgs(name=f"hf-hub:{REPO_ID}", cache_dir=str(cache))
+    assert hf_hub_revision(args) == "0123456789abcdef0123456789abcdef01234567"
+    first = fingerprint(args, DataArgs(), OutputArgs(), "image", "32-true", hf_hub_revision(args))
+    base = cache / f"models--{REPO_ID.replace('/', '--')}"
+    newer = "fedcba9876543210fedcba9876543210fedcba98"
+    (base / "snapshots" / "0123456789abcdef0123456789abcdef01234567").rename(base / "snapshots" / newer)
+    (base / "refs" / "main").write_text(newer)
+    assert hf_hub_revision(args) == newer
+    assert fingerprint(args, DataArgs(), OutputArgs(), "image", "32-true", hf_hub_revision(args)) != first
+    assert hf_hub_revision(ModelArgs(name="ViT-B-32")) is None
