@@ -138,16 +138,21 @@ def test_collectives_have_the_configured_timeout():
     assert build_strategy("auto", 1, 2)._timeout == timedelta(seconds=1800)
 
 
-@pytest.mark.slow
-def test_killed_run_resumes_exactly_once(tmp_path, tiny_config):
-    out = tmp_path / "out"
-    cmd = [
+def _two_rank_command(tiny_config, out, workers: int) -> list[str]:
+    """predict on 2 CPU ranks over 480 synthetic samples in 60 shards of 8: long enough to interrupt."""
+    return [
         sys.executable, "-m", "clip_fabric", "predict", "--accelerator", "cpu", "--devices", "2",
         "--model.config", str(tiny_config), "--data.format", "synthetic",
         "--data.image_size", "[64,48]", "--data.num_samples", "480",
-        "--data.shard_size", "8", "--data.batch_size", "4", "--data.num_workers", "1",
+        "--data.shard_size", "8", "--data.batch_size", "4", "--data.num_workers", str(workers),
         "--output.dir", str(out),
     ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_exactly_once(tmp_path, tiny_config):
+    out = tmp_path / "out"
+    cmd = _two_rank_command(tiny_config, out, workers=1)
     env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -177,13 +182,7 @@ def test_preemption_signal_stops_cleanly_requeues_and_resumes(tmp_path, tiny_con
     scontrol = bin_dir / "scontrol"  # stands in for SLURM's, recording what it was asked
     scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
     scontrol.chmod(0o755)
-    cmd = [
-        sys.executable, "-m", "clip_fabric", "predict", "--accelerator", "cpu", "--devices", "2",
-        "--model.config", str(tiny_config), "--data.format", "synthetic",
-        "--data.image_size", "[64,48]", "--data.num_samples", "480",
-        "--data.shard_size", "8", "--data.batch_size", "4", "--data.num_workers", "2",
-        "--output.dir", str(out),
-    ]  # fmt: skip
+    cmd = _two_rank_command(tiny_config, out, workers=2)
     env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SLURM_JOB_ID": "4242",
                         "PATH": f"{bin_dir}:{os.environ['PATH']}"}  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
@@ -315,13 +314,7 @@ def test_a_signal_to_rank_0_alone_stops_every_rank(tmp_path, tiny_config):
     """``docker stop`` or a pod's termination signals only the launcher (rank 0): it passes the signal on
     to the ranks it started, so they finish their open shards too instead of computing all of theirs."""
     out = tmp_path / "out"
-    cmd = [
-        sys.executable, "-m", "clip_fabric", "predict", "--accelerator", "cpu", "--devices", "2",
-        "--model.config", str(tiny_config), "--data.format", "synthetic",
-        "--data.image_size", "[64,48]", "--data.num_samples", "480",
-        "--data.shard_size", "8", "--data.batch_size", "4", "--data.num_workers", "2",
-        "--output.dir", str(out),
-    ]  # fmt: skip
+    cmd = _two_rank_command(tiny_config, out, workers=2)
     env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("SLURM_JOB_ID", None)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
