@@ -10,6 +10,7 @@ import textwrap
 from collections.abc import Callable
 from typing import TypeVar
 
+import torch.distributed as dist
 from lightning.fabric import Fabric
 from lightning.fabric.plugins.precision import Precision
 
@@ -99,3 +100,11 @@ def launched_ranks(fabric: Fabric) -> list[int]:
     """The pids of the ranks this process started (Fabric's launcher, on local rank 0); none elsewhere."""
     launcher = getattr(fabric.strategy, "launcher", None)
     return [proc.pid for proc in getattr(launcher, "procs", [])]
+
+
+def job_store() -> dist.Store | None:
+    """The default process group's key-value store, where there are several ranks: for what the ranks
+    share without a collective (the progress count, a stop request), so that no rank waits on it."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    return dist.distributed_c10d._get_default_store()

@@ -18,11 +18,11 @@ from clip_fabric.data import Shard, Source, build_source
 from clip_fabric.data.pipeline import choose_batch_size, device_batches, resolve_decode
 from clip_fabric.data.sizing import resolve_num_workers
 from clip_fabric.encode import DEFAULT_BATCH_SIZE, ChunkedEmbedder, encode_in_order
-from clip_fabric.launch import build_fabric, die_with_launcher, launch_docs, launched_ranks
+from clip_fabric.launch import build_fabric, die_with_launcher, job_store, launch_docs, launched_ranks
 from clip_fabric.model import Embedder, check_model, hf_hub_revision, load_model
 from clip_fabric.modes import MODES, Mode, ModeName
 from clip_fabric.precision import resolve_precision
-from clip_fabric.preemption import StopRequest, requeue_slurm_job
+from clip_fabric.preemption import JobStop, StopRequest, requeue_slurm_job
 from clip_fabric.progress import Progress
 from clip_fabric.run_folder import RunFolder, fingerprint
 from clip_fabric.strategies import hooks, strategy_class
@@ -158,7 +158,8 @@ def main(fabric: Fabric, job: Job) -> dict:
         )  # fmt: skip
         writer = ShardWriter(job.output.dir, len(shards), job.output.dtype, enabled=strategy.writes)
         progress = Progress(fabric.global_rank, left, "samples", strategy.writes)
-        stopping = lambda: strategy.agree_to_stop(bool(stop))  # noqa: E731
+        job_stop = JobStop(stop, job_store())
+        stopping = lambda: strategy.agree_to_stop(job_stop())  # noqa: E731
         shards_begun = lambda: writer.open_shards  # noqa: E731
         with progress, torch.inference_mode(), strategy.partner_session(embedder.module):
             for batch, outputs, latency in encode_in_order(batches, embedder, stopping, shards_begun):
@@ -166,7 +167,9 @@ def main(fabric: Fabric, job: Job) -> dict:
                 writer.add(batch.shard, batch.source, finished, batch.errors, batch.last)
                 progress.add(len(finished.rows), len(batch.errors), finished.filtered, latency)
         writer.close()
-        return _finish(fabric, job, folder, len(shards), progress, embedder.max_batch, decode, bool(stop))
+        return _finish(
+            fabric, job, folder, len(shards), progress, embedder.max_batch, decode, job_stop.raised
+        )
 
 
 def _build_embedder(

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from contextlib import suppress
 
@@ -48,6 +49,36 @@ class StopRequest:
 
     def __bool__(self) -> bool:
         return self.signal is not None
+
+
+class JobStop:
+    """A stop request that any rank's signal raises for the whole job, through the process group's store
+    (no collective: ranks reach their batches at different times). A signal that reached one rank only
+    (``kill`` of one pid, a container runtime's) stops every rank at its next shard boundary instead of
+    leaving the signalled rank waiting for the others at the end, up to ``--timeout_s``."""
+
+    KEY = "clip_fabric/stop"
+
+    def __init__(self, local: StopRequest, store: object | None, every_s: float = 0.25) -> None:
+        self.local, self.store, self.every_s = local, store, every_s
+        self.raised = False  # this rank's signal, or another's seen in the store
+        self._published, self._checked = False, 0.0
+
+    def __call__(self) -> bool:
+        """Whether the job is stopping; asked before every batch, so the store is asked at most every
+        ``every_s`` seconds."""
+        if self.local and not self._published and self.store is not None:
+            with suppress(RuntimeError):  # a store that is gone: this rank still stops
+                self.store.set(self.KEY, "1")
+            self._published = True
+        if not self.raised and self.store is not None and not self.local:
+            now = time.monotonic()
+            if now - self._checked >= self.every_s:
+                self._checked = now
+                with suppress(RuntimeError):
+                    self.raised = self.store.check([self.KEY])
+        self.raised = self.raised or bool(self.local)
+        return self.raised
 
 
 def worker_shield() -> Callable[[int], None]:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import time
 
-import torch.distributed as dist
 from tqdm import tqdm
+
+from clip_fabric.launch import job_store
 
 _REPORT_EVERY_S = 0.25
 
@@ -19,7 +20,7 @@ class Progress:
         self.latencies: list[float] = []
         self.first_batch_at: float | None = None  # steady state: from the first batch out
         self.rows_at_first = 0
-        self._store = _shared_store()
+        self._store = job_store()
         self._unreported, self._last_report = 0, time.perf_counter()
         self._bar = tqdm(
             desc="embedding",
@@ -82,10 +83,3 @@ class Progress:
         ordered = sorted(self.latencies)
         pick = lambda q: round(1000 * ordered[min(int(q * len(ordered)), len(ordered) - 1)], 2)  # noqa: E731
         return {"p50": pick(0.5), "p95": pick(0.95), "mean": round(1000 * sum(ordered) / len(ordered), 2)}
-
-
-def _shared_store() -> dist.Store | None:
-    """The default process group's key-value store, where there are several ranks."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return None
-    return dist.distributed_c10d._get_default_store()

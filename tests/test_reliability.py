@@ -338,3 +338,33 @@ def test_a_signal_to_rank_0_alone_stops_every_rank(tmp_path, tiny_config):
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert read_output(out)[1] == [f"{i:09d}" for i in range(480)]
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_the_job(tmp_path, tiny_config):
+    """A signal that reached rank 1 alone is raised for the whole job through the store: rank 0 stops at
+    its next shard boundary too, instead of computing all its shards while rank 1 waits for it."""
+    out = tmp_path / "out"
+    cmd = _two_rank_command(tiny_config, out, workers=1)
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("SLURM_JOB_ID", None)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    stderr = _StreamReader(proc.stderr)
+    deadline = time.monotonic() + 180
+    while stderr.rows_written() < 32 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)  # rank 1 only
+    try:
+        proc.wait(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    stderr.join()
+    assert proc.returncode == 75, stderr.text()[-3000:]
+    done = {int(p.stem) for p in (out / "_done").glob("*.json")}
+    rank_0 = set(range(0, 60, 2))
+    assert done & rank_0 and not rank_0 <= done, sorted(done)  # rank 0 worked, and stopped before the end
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert read_output(out)[1] == [f"{i:09d}" for i in range(480)]
