@@ -309,12 +309,12 @@ def test_a_signal_to_one_tensor_parallel_rank_stops_the_group_together(tmp_path,
     assert read_output(out)[1] == [f"{i:09d}" for i in range(240)]
 
 
-@pytest.mark.slow
-def test_a_signal_to_rank_0_alone_stops_every_rank(tmp_path, tiny_config):
-    """``docker stop`` or a pod's termination signals only the launcher (rank 0): it passes the signal on
-    to the ranks it started, so they finish their open shards too instead of computing all of theirs."""
+def _signal_one_rank(tmp_path, tiny_config, workers: int, target) -> tuple[set[int], str]:
+    """Run predict on 2 ranks, send SIGTERM to the pid ``target(launcher_pid)`` names once rank 0 wrote 32
+    rows, require exit 75 (rerun to resume) and a rerun that completes exactly once; the shards done by
+    the stopped run and its stderr."""
     out = tmp_path / "out"
-    cmd = _two_rank_command(tiny_config, out, workers=2)
+    cmd = _two_rank_command(tiny_config, out, workers)
     env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("SLURM_JOB_ID", None)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
@@ -323,7 +323,7 @@ def test_a_signal_to_rank_0_alone_stops_every_rank(tmp_path, tiny_config):
     deadline = time.monotonic() + 180
     while stderr.rows_written() < 32 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGTERM)  # rank 0 only
+    os.kill(target(proc.pid), signal.SIGTERM)
     try:
         proc.wait(timeout=120)
     finally:
@@ -332,39 +332,26 @@ def test_a_signal_to_rank_0_alone_stops_every_rank(tmp_path, tiny_config):
     stderr.join()
     assert proc.returncode == 75, stderr.text()[-3000:]  # shards left: rerun to resume
     done = {int(p.stem) for p in (out / "_done").glob("*.json")}
-    rank_1 = set(range(1, 60, 2))  # its split of the 60 shards
-    assert done & rank_1 and not rank_1 <= done, sorted(done)  # it worked, and stopped before the end
-    assert stderr.text().count("received SIGTERM") == 2  # rank 0, then rank 1 from rank 0
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert read_output(out)[1] == [f"{i:09d}" for i in range(480)]
+    return done, stderr.text()
+
+
+@pytest.mark.slow
+def test_a_signal_to_rank_0_alone_stops_every_rank(tmp_path, tiny_config):
+    """``docker stop`` or a pod's termination signals only the launcher (rank 0): it passes the signal on
+    to the ranks it started, so they finish their open shards too instead of computing all of theirs."""
+    done, stderr = _signal_one_rank(tmp_path, tiny_config, 2, lambda launcher: launcher)  # rank 0 only
+    rank_1 = set(range(1, 60, 2))  # its split of the 60 shards
+    assert done & rank_1 and not rank_1 <= done, sorted(done)  # it worked, and stopped before the end
+    assert stderr.count("received SIGTERM") == 2  # rank 0, then rank 1 from rank 0
 
 
 @pytest.mark.slow
 def test_a_signal_to_one_rank_stops_the_job(tmp_path, tiny_config):
     """A signal that reached rank 1 alone is raised for the whole job through the store: rank 0 stops at
     its next shard boundary too, instead of computing all its shards while rank 1 waits for it."""
-    out = tmp_path / "out"
-    cmd = _two_rank_command(tiny_config, out, workers=1)
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("SLURM_JOB_ID", None)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)  # fmt: skip
-    stderr = _StreamReader(proc.stderr)
-    deadline = time.monotonic() + 180
-    while stderr.rows_written() < 32 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)  # rank 1 only
-    try:
-        proc.wait(timeout=120)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    stderr.join()
-    assert proc.returncode == 75, stderr.text()[-3000:]
-    done = {int(p.stem) for p in (out / "_done").glob("*.json")}
+    done, _ = _signal_one_rank(tmp_path, tiny_config, 1, lambda launcher: _rank_pid(launcher, 1))
     rank_0 = set(range(0, 60, 2))
     assert done & rank_0 and not rank_0 <= done, sorted(done)  # rank 0 worked, and stopped before the end
-    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert read_output(out)[1] == [f"{i:09d}" for i in range(480)]
