@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -160,3 +161,8 @@ def read_output(out_dir: Path, tower: str = "img_emb") -> tuple[np.ndarray, list
         arrays.append(np.load(npy))
         keys += pq.read_table(out_dir / "metadata" / f"metadata_{name}.parquet").column("key").to_pylist()
     return (np.concatenate(arrays) if arrays else np.zeros((0, 0))), keys
+
+
+def progress_rows(text: str) -> int:
+    """The highest count on rank 0's progress bar in a run's stderr (``embedding: 7%|...| M/480 [...]``)."""
+    return max((int(m) for m in re.findall(r"embedding: .*?(\d+)/\d+ \[", text)), default=0)

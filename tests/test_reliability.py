@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, jpeg_bytes, read_output
+from conftest import REPO, jpeg_bytes, progress_rows, read_output
 from PIL import Image
 from test_predict import predict, reference
 
@@ -227,8 +226,7 @@ class _StreamReader(threading.Thread):
         return b"".join(self.chunks).decode(errors="replace")
 
     def rows_written(self) -> int:
-        """The highest count on rank 0's progress bar (``embedding: 7%|...| M/480 [...]``)."""
-        return max((int(m) for m in re.findall(r"embedding: .*?(\d+)/\d+ \[", self.text())), default=0)
+        return progress_rows(self.text())
 
 
 def _rank_pid(launcher_pid: int, rank: int) -> int | None:

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO, read_output
+from tests.conftest import REPO, progress_rows, read_output
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo", "squeue")
@@ -188,20 +188,22 @@ def test_1node_script_runs_data_parallel_ranks_from_slurm(slurm, tiny_config, tm
 
 def test_8node_script_requeues_on_preemption_and_resumes(slurm, tiny_config, tmp_path):
     out, log = tmp_path / "out", tmp_path / "job-%j.out"
-    args = _tiny_predict_args(tiny_config, out, 4800, "--mode", "image")  # 300 shards a rank
+    samples = 16000  # 2,000 shards of 8: ~10 s of work on a 2-core CI host, ~20 times scancel's latency
+    args = _tiny_predict_args(tiny_config, out, samples, "--mode", "image")
     job, log = _sbatch(slurm, log, "slurm/8node.sh", "configs/ddp.yaml", *args)
 
     def done() -> list[int]:
         return [int(p.stem) for p in (out / "_done").glob("*.json")]
 
+    # The cue is rank 0's progress bar (the job log has the ranks' stderr): 64 rows means both ranks
+    # passed predict's first barrier, so both hold their signal handler. The done markers were too late a
+    # cue: the writer's thread writes them behind the loop, and by the first of them the ranks had once
+    # computed every batch (CI, 4,800 samples): a signal with nothing left to stop.
     deadline = time.monotonic() + 90
-    # The first done shard means both ranks passed predict's first barrier, so both hold their signal
-    # handler. A later cue (2 markers per rank, with 2,400 samples) sometimes came after the ranks had
-    # computed every batch, as the writer's thread writes the markers behind the loop: nothing to stop.
-    while time.monotonic() < deadline and not done():
+    while time.monotonic() < deadline and progress_rows(log.read_text() if log.exists() else "") < 64:
         assert _job(slurm, job).get("JobState") in ("PENDING", "RUNNING"), log.read_text()[-3000:]
         time.sleep(0.05)
-    assert len(done()) < 300, "the ranks are half done: signal too late"
+    assert len(done()) < samples // 8 // 2, "the ranks are half done: signal too late"
     # What Slurm does at --signal=USR1@120: SIGUSR1 to every task of the job's steps.
     subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
 
@@ -230,9 +232,9 @@ def test_8node_script_requeues_on_preemption_and_resumes(slurm, tiny_config, tmp
         text = log.read_text()
     assert info.get("JobState") == "COMPLETED", (info, text[-1500:])
     emb, keys = read_output(out)
-    assert keys == [f"{i:09d}" for i in range(4800)] and emb.shape == (4800, 32)  # every sample, once
-    resumed = [line for line in text.splitlines() if "clip_fabric: 4800 rows" in line]
-    assert resumed and "this run 4800 rows" not in resumed[-1], "the requeued run must resume, not restart"
+    assert keys == [f"{i:09d}" for i in range(samples)] and emb.shape == (samples, 32)  # every one, once
+    resumed = [line for line in text.splitlines() if f"clip_fabric: {samples} rows" in line]
+    assert resumed and f"this run {samples} rows" not in resumed[-1], "the requeued run must resume"
 
 
 def test_hybrid_script_scores_pairs_on_slurm(slurm, tiny_config, tmp_path):
