@@ -137,13 +137,20 @@ def test_collectives_have_the_configured_timeout():
     assert build_strategy("auto", 1, 2)._timeout == timedelta(seconds=1800)
 
 
+# The interrupted runs: 2 CPU ranks over SAMPLES synthetic samples in SHARDS shards of SHARD. The cue to
+# interrupt comes within about 0.3 s of the first batches (rank 0's progress bar, or the done markers the
+# writer's thread writes behind the loop); 480 samples were once all computed by then on a loaded 2-core
+# host, leaving nothing to stop. 4,800 leave seconds of work after it.
+SAMPLES, SHARD = 4800, 80
+SHARDS = SAMPLES // SHARD
+
+
 def _two_rank_command(tiny_config, out, workers: int) -> list[str]:
-    """predict on 2 CPU ranks over 480 synthetic samples in 60 shards of 8: long enough to interrupt."""
     return [
         sys.executable, "-m", "clip_fabric", "predict", "--accelerator", "cpu", "--devices", "2",
         "--model.config", str(tiny_config), "--data.format", "synthetic",
-        "--data.image_size", "[64,48]", "--data.num_samples", "480",
-        "--data.shard_size", "8", "--data.batch_size", "4", "--data.num_workers", str(workers),
+        "--data.image_size", "[64,48]", "--data.num_samples", str(SAMPLES),
+        "--data.shard_size", str(SHARD), "--data.batch_size", "4", "--data.num_workers", str(workers),
         "--output.dir", str(out),
     ]  # fmt: skip
 
@@ -163,14 +170,14 @@ def test_killed_run_resumes_exactly_once(tmp_path, tiny_config):
     os.killpg(proc.pid, signal.SIGKILL)  # the whole job: launcher, both ranks, their data workers
     proc.wait()
     done_at_kill = len(list((out / "_done").glob("*.json")))
-    assert 4 <= done_at_kill < 60, "the run must be killed part-way for this test to mean anything"
+    assert 4 <= done_at_kill < SHARDS, "the run must be killed part-way for this test to mean anything"
 
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     emb, keys = read_output(out)
-    assert keys == [f"{i:09d}" for i in range(480)]  # every sample, once, in order
-    assert emb.shape == (480, 32) and len(list((out / "_done").glob("*.json"))) == 60
-    assert f"this run {480 - 8 * done_at_kill} rows" in rerun.stdout
+    assert keys == [f"{i:09d}" for i in range(SAMPLES)]  # every sample, once, in order
+    assert emb.shape == (SAMPLES, 32) and len(list((out / "_done").glob("*.json"))) == SHARDS
+    assert f"this run {SAMPLES - SHARD * done_at_kill} rows" in rerun.stdout
 
 
 @pytest.mark.slow
@@ -199,7 +206,7 @@ def test_preemption_signal_stops_cleanly_requeues_and_resumes(tmp_path, tiny_con
 
     assert proc.returncode == EXIT_RESUME, stderr.text()[-3000:]  # shards left (requeued): not 0
     done = sorted(int(p.stem) for p in (out / "_done").glob("*.json"))
-    assert 4 <= len(done) < 60
+    assert 4 <= len(done) < SHARDS
     written = sorted(int(p.stem.split("_")[-1]) for p in (out / "img_emb").glob("img_emb_*.npy"))
     assert written == done and not list(out.rglob(".*.tmp"))  # no half-written shard left behind
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
@@ -207,7 +214,7 @@ def test_preemption_signal_stops_cleanly_requeues_and_resumes(tmp_path, tiny_con
     del env["SLURM_JOB_ID"]
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert read_output(out)[1] == [f"{i:09d}" for i in range(480)]
+    assert read_output(out)[1] == [f"{i:09d}" for i in range(SAMPLES)]
 
 
 class _StreamReader(threading.Thread):
@@ -245,13 +252,7 @@ def _rank_pid(launcher_pid: int, rank: int) -> int | None:
 @pytest.mark.slow
 def test_a_dead_rank_does_not_hang_the_others(tmp_path, tiny_config):
     out = tmp_path / "out"
-    cmd = [
-        sys.executable, "-m", "clip_fabric", "predict", "--accelerator", "cpu", "--devices", "2",
-        "--model.config", str(tiny_config), "--data.format", "synthetic",
-        "--data.image_size", "[64,48]", "--data.num_samples", "480",
-        "--data.shard_size", "8", "--data.batch_size", "4", "--data.num_workers", "1",
-        "--output.dir", str(out), "--timeout_s", "60",
-    ]  # fmt: skip
+    cmd = [*_two_rank_command(tiny_config, out, workers=1), "--timeout_s", "60"]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -266,11 +267,11 @@ def test_a_dead_rank_does_not_hang_the_others(tmp_path, tiny_config):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # leave nothing behind whatever happened
-    assert proc.returncode != 0 and len(list((out / "_done").glob("*.json"))) < 60
+    assert proc.returncode != 0 and len(list((out / "_done").glob("*.json"))) < SHARDS
 
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert read_output(out)[1] == [f"{i:09d}" for i in range(480)]
+    assert read_output(out)[1] == [f"{i:09d}" for i in range(SAMPLES)]
 
 
 @pytest.mark.slow
@@ -332,7 +333,7 @@ def _signal_one_rank(tmp_path, tiny_config, workers: int, target) -> tuple[set[i
     done = {int(p.stem) for p in (out / "_done").glob("*.json")}
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert read_output(out)[1] == [f"{i:09d}" for i in range(480)]
+    assert read_output(out)[1] == [f"{i:09d}" for i in range(SAMPLES)]
     return done, stderr.text()
 
 
@@ -341,7 +342,7 @@ def test_a_signal_to_rank_0_alone_stops_every_rank(tmp_path, tiny_config):
     """``docker stop`` or a pod's termination signals only the launcher (rank 0): it passes the signal on
     to the ranks it started, so they finish their open shards too instead of computing all of theirs."""
     done, stderr = _signal_one_rank(tmp_path, tiny_config, 2, lambda launcher: launcher)  # rank 0 only
-    rank_1 = set(range(1, 60, 2))  # its split of the 60 shards
+    rank_1 = set(range(1, SHARDS, 2))  # its split of the shards
     assert done & rank_1 and not rank_1 <= done, sorted(done)  # it worked, and stopped before the end
     assert stderr.count("received SIGTERM") == 2  # rank 0, then rank 1 from rank 0
 
@@ -351,5 +352,5 @@ def test_a_signal_to_one_rank_stops_the_job(tmp_path, tiny_config):
     """A signal that reached rank 1 alone is raised for the whole job through the store: rank 0 stops at
     its next shard boundary too, instead of computing all its shards while rank 1 waits for it."""
     done, _ = _signal_one_rank(tmp_path, tiny_config, 1, lambda launcher: _rank_pid(launcher, 1))
-    rank_0 = set(range(0, 60, 2))
+    rank_0 = set(range(0, SHARDS, 2))
     assert done & rank_0 and not rank_0 <= done, sorted(done)  # rank 0 worked, and stopped before the end
