@@ -26,6 +26,15 @@ def test_to_moves_model_inputs_and_keeps_the_rest():
     assert moved.jpegs is jpegs and moved.last and moved.rows == batch.rows
 
 
+def test_to_normalises_uint8_pixels_on_the_device():
+    pixels = torch.tensor([[[[0, 255]]]], dtype=torch.uint8).expand(2, 3, 1, 2).contiguous()
+    batch = Batch(0, "s0", [{"key": "a"}, {"key": "b"}], images=pixels)
+    moved = batch.to(torch.device("cpu"), lambda x: x.float() / 255.0 * 2 - 1)
+    assert moved.images.dtype == torch.float32 and moved.images[0, 0, 0].tolist() == [-1.0, 1.0]
+    floats = Batch(0, "s0", [{"key": "a"}], images=torch.ones(1, 2))
+    assert floats.to(torch.device("cpu")).images is floats.images  # model input already: left alone
+
+
 def test_the_dataloader_keeps_batches_whole():
     """Batches cross from worker processes as they are (pin_memory calls Batch.pin_memory on a GPU)."""
     from torch.utils.data import DataLoader, IterableDataset

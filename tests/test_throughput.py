@@ -266,6 +266,56 @@ def test_cpu_path_leaves_modes_whose_conversion_does_not_commute_to_open_clip():
         assert torch.equal(pil.image(buf.getvalue()), fast.image(buf.getvalue())), image.mode
 
 
+def test_cpu_path_batches_travel_as_uint8_and_normalise_to_the_same_bits():
+    """For a GPU, the ``cpu`` path's batches cross from the workers as uint8 pixels (a quarter of
+    float32's bytes); normalised on the device they are the model input that preprocessing in the worker
+    makes, bit for bit. A batch where open_clip's own preprocess took a row (a palette PNG) travels as
+    model input."""
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    cpu = CpuDecoder(PREPROCESS, tokenizer, mode="cpu", normalise_on_device=True)
+    jpegs = [encoded((500, 375)), encoded((300, 400)), encoded((224, 224)), encoded((64, 48), mode="L")]
+    samples = [RawSample(f"k{i}", d, "c") for i, d in enumerate(jpegs)]
+    [batch] = batches(samples, cpu, gpu_jpeg=False)
+    assert batch.images.dtype == torch.uint8 and batch.images.shape == (4, 3, 224, 224)
+    model_input = batch.to(torch.device("cpu"), cpu.spec.normalise).images
+    assert model_input.dtype == torch.float32
+    # A CPU run normalises in the workers instead: the same bits.
+    [in_workers] = batches(samples, CpuDecoder(PREPROCESS, tokenizer, mode="cpu"), gpu_jpeg=False)
+    assert in_workers.images.dtype == torch.float32 and torch.equal(in_workers.images, model_input)
+    for row, data in zip(model_input, jpegs, strict=True):
+        array = np.array(Image.open(io.BytesIO(data)).convert("RGB"))
+        in_worker = cpu.spec.apply(torch.from_numpy(array).permute(2, 0, 1)[None])[0]  # the old path
+        assert torch.equal(row, in_worker) and torch.equal(row, cpu.image(data))
+    with pytest.raises(ValueError, match="normalise"):
+        batch.to(torch.device("cpu"))  # uint8 pixels are not model input
+
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(jpegs[0])).convert("P").save(buf, format="PNG")
+    mixed = [jpegs[0], buf.getvalue(), jpegs[1]]
+    [batch] = batches([RawSample(f"k{i}", d, "c") for i, d in enumerate(mixed)], cpu, gpu_jpeg=False)
+    assert batch.images.dtype == torch.float32
+    assert torch.equal(batch.to(torch.device("cpu"), cpu.spec.normalise).images,
+                       torch.stack([cpu.image(d) for d in mixed]))  # fmt: skip
+
+
+def test_gpu_decoder_normalises_the_rows_the_cpu_path_decoded():
+    """Beside the device decoder, rows left to the ``cpu`` path (progressive JPEG, PNG) arrive as uint8
+    and take their place in the batch as model input, equal to that path's own."""
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    cpu = CpuDecoder(PREPROCESS, tokenizer, mode="cpu", normalise_on_device=True)
+    images = [encoded((500, 375)), encoded((500, 375), progressive=True), encoded((320, 240), fmt="PNG")]
+    samples = [RawSample(f"k{i}", data, f"caption {i}") for i, data in enumerate(images)]
+    [packed] = batches(samples, cpu, gpu_jpeg=True)
+    assert packed.images.dtype == torch.uint8 and packed.image_rows.tolist() == [1, 2]
+    out = DeviceImageDecoder(cpu.spec, cpu, torch.device("cpu"))(packed)
+    assert out.images.dtype == torch.float32
+    assert torch.equal(out.images[1:], torch.stack([cpu.image(d) for d in images[1:]]))
+    cos = torch.nn.functional.cosine_similarity(
+        out.images[:1].flatten(1), cpu.image(images[0]).flatten()[None]
+    )
+    assert cos.item() > 0.9999
+
+
 def test_auto_decode_is_gpu_only_where_it_was_measured(monkeypatch):
     from clip_fabric.data import pipeline
 
@@ -284,3 +334,28 @@ def test_auto_decode_is_gpu_only_where_it_was_measured(monkeypatch):
         pipeline.resolve_decode("gpu", cuda, PREPROCESS)
     squash = open_clip.image_transform(224, is_train=False, resize_mode="squash")
     assert pipeline.resolve_decode("auto", cuda, squash) == "pil"
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_device_batches_ship_uint8_to_a_device_and_float_to_the_cpu(device, monkeypatch):
+    """predict's pipeline on the ``cpu`` path: to a device other than the CPU (``meta`` stands in for a
+    GPU here) the workers' batches carry uint8 pixels and arrive as float32 model input there; a CPU run
+    normalises in the workers."""
+    from clip_fabric.data.batch import Batch
+    from clip_fabric.data.pipeline import device_batches
+    from clip_fabric.data.synthetic import SyntheticSource
+    from clip_fabric.modes import MODES
+
+    crossed = []
+    to = Batch.to
+    monkeypatch.setattr(
+        Batch, "to", lambda self, *a: crossed.append(getattr(self.images, "dtype", None)) or to(self, *a)
+    )
+    source = SyntheticSource(12, 6, (64, 48))
+    data = DataArgs(format="synthetic", num_workers=1, batch_size=4)
+    out = list(device_batches(source, source.shards(), PREPROCESS, open_clip.get_tokenizer("ViT-B-32"), data,
+                              4, torch.device(device), "cpu", MODES["image"]))  # fmt: skip
+    shipped = torch.uint8 if device == "meta" else torch.float32
+    assert set(crossed) - {None} == {shipped}
+    assert all(b.images.dtype == torch.float32 and b.images.device.type == device for b in out if b.rows)
+    assert sum(len(b.rows) for b in out) == 12

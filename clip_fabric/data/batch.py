@@ -3,6 +3,7 @@ and the model inputs. Batches never straddle shards, so ``last`` tells the write
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -28,7 +29,8 @@ class Batch:
     """``key``, ``source``, ``reason`` of each sample of this stretch of the shard that was skipped."""
     last: bool = False
     images: Tensor | None = None
-    """Preprocessed images; with ``jpegs``, only of the rows in ``image_rows``."""
+    """Decoded images: uint8 pixels, resized and cropped, from the ``cpu`` path (``to`` normalises them on
+    the device), else the model's float32 input; with ``jpegs``, only of the rows in ``image_rows``."""
     image_rows: Tensor | None = None
     texts: Tensor | None = None
     jpegs: PackedJpegs | None = None
@@ -39,10 +41,17 @@ class Batch:
         jpegs = self.jpegs and PackedJpegs(pin(self.jpegs.data), self.jpegs.lengths, self.jpegs.rows)
         return replace(self, images=pin(self.images), texts=pin(self.texts), jpegs=jpegs)
 
-    def to(self, device: torch.device) -> Batch:
-        """The model inputs on ``device``, copied without waiting (from pinned memory)."""
+    def to(self, device: torch.device, normalise: Callable[[Tensor], Tensor] | None = None) -> Batch:
+        """The model inputs on ``device``, copied without waiting (from pinned memory). Images that
+        travel as uint8 pixels (the ``cpu`` decode path) become model input there through ``normalise``
+        (``ImageSpec.normalise``)."""
         move = lambda t: t.to(device, non_blocking=True) if t is not None else None  # noqa: E731
-        return replace(self, images=move(self.images), texts=move(self.texts))
+        images = move(self.images)
+        if images is not None and images.dtype == torch.uint8:
+            if normalise is None:
+                raise ValueError("a batch of uint8 pixels needs its model's normalise to become model input")
+            images = normalise(images)
+        return replace(self, images=images, texts=move(self.texts))
 
     def drop(self, reasons: dict[int, str]) -> Batch:
         """The batch without the rows in ``reasons`` (row -> why), which become error records."""

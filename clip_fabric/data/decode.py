@@ -4,11 +4,13 @@ Three image paths, chosen by ``--data.decode``:
 
 - ``pil``: open_clip's own preprocess on a full PIL decode: the reference, bit for bit.
 - ``cpu``: the same steps on uint8 tensors (torch's antialiased bicubic resize, which matches PIL's to
-  two uint8 steps and is several times faster); with ``scale_jpegs``, a JPEG of at least twice the
+  two uint8 steps and is several times faster); for a GPU the batches travel as uint8 and the device
+  normalises them; with ``scale_jpegs``, a JPEG of at least twice the
   model's input size is first decoded at a reduced scale (libjpeg's DCT scaling through PIL's ``draft``,
   or simplejpeg where it is installed).
 - ``gpu``: JPEGs whose header the GPU decoder handles are only checked here and passed on as bytes, to be
-  decoded and resized in batches on the device (``clip_fabric.data.gpu``); everything else takes ``cpu``.
+  decoded and resized in batches on the device (``clip_fabric.data.device_decode``); everything else
+  takes ``cpu``.
 """
 
 from __future__ import annotations
@@ -71,20 +73,30 @@ class ImageSpec:
 
     def apply(self, images: Tensor) -> Tensor:
         """The preprocess on a uint8 NCHW batch of one size, on its device: normalised float32."""
+        return self.normalise(self.pixels(images))
+
+    def pixels(self, images: Tensor) -> Tensor:
+        """Resize and crop of a uint8 NCHW batch of one size: uint8 on the CPU (torch's uint8 kernel
+        rounds like PIL's), elsewhere float32 rounded as PIL stores uint8 (antialiased uint8 resizing is
+        CPU-only). :meth:`normalise` makes them model input."""
         height, width = images.shape[-2:]
         new = self.resized(height, width)
         x = images
         if (height, width) != new:
-            if x.dtype == torch.uint8 and x.device.type == "cpu":  # torch's uint8 kernel rounds like PIL's
+            if x.dtype == torch.uint8 and x.device.type == "cpu":
                 x = F.interpolate(x, size=new, mode="bicubic", antialias=True, align_corners=False)
-            else:  # antialiased uint8 resizing is CPU-only: float, then round as PIL stores uint8
+            else:
                 x = F.interpolate(x.float(), size=new, mode="bicubic", antialias=True, align_corners=False)
                 x = x.clamp_(0, 255).round_()
         crop_h, crop_w = self.crop
         top, left = int(round((new[0] - crop_h) / 2.0)), int(round((new[1] - crop_w) / 2.0))
-        x = x[:, :, top : top + crop_h, left : left + crop_w].float()
-        mean, std = _normaliser(self.mean, self.std, x.device)
-        return (x / 255.0 - mean) / std
+        return x[:, :, top : top + crop_h, left : left + crop_w]
+
+    def normalise(self, pixels: Tensor) -> Tensor:
+        """Pixels (uint8, or float32 of whole values) as the model's float32 input, on their device: the
+        same operations on the CPU and a GPU, so the values are equal to the bit."""
+        mean, std = _normaliser(self.mean, self.std, pixels.device)
+        return (pixels.float() / 255.0 - mean) / std
 
 
 @functools.cache
@@ -128,6 +140,7 @@ class CpuDecoder:
         max_image_pixels: int | None = None,
         mode: str = "pil",
         scale_jpegs: bool = False,
+        normalise_on_device: bool = False,
     ) -> None:
         self.preprocess = preprocess
         self.tokenizer = tokenizer
@@ -135,6 +148,7 @@ class CpuDecoder:
         self.spec = ImageSpec.from_preprocess(preprocess)
         self.mode = mode if self.spec is not None else "pil"
         self.scale_jpegs = scale_jpegs
+        self.normalise_on_device = normalise_on_device
 
     def check_pixels(self, width: int, height: int) -> None:
         if self.max_image_pixels is not None and width * height > self.max_image_pixels:
@@ -144,7 +158,20 @@ class CpuDecoder:
             )
 
     def image(self, data: bytes) -> Tensor:
-        """Decode and preprocess one image; raises on anything that is not a readable image."""
+        """Decode and preprocess one image into the model's float32 input; raises on anything that is
+        not a readable image."""
+        image = self._decode(data)
+        return self.spec.normalise(image[None])[0] if image.dtype == torch.uint8 else image
+
+    def decode(self, data: bytes) -> Tensor:
+        """One image as it travels to the device. With ``normalise_on_device`` (a GPU), the ``cpu`` path
+        hands on its resized and cropped uint8 pixels: a quarter of float32's bytes through shared
+        memory, pinning and the copy, normalised there (``Batch.to``). Otherwise, and for images that
+        open_clip's own preprocess takes, the model's float32 input. Raises on an unreadable image."""
+        return self._decode(data) if self.normalise_on_device else self.image(data)
+
+    def _decode(self, data: bytes) -> Tensor:
+        """uint8 pixels from the ``cpu`` path, float32 model input from open_clip's preprocess."""
         if self.mode == "cpu":
             array = self._scaled_jpeg(data) if data.startswith(JPEG_MAGIC) else None
             if array is None:
@@ -154,7 +181,7 @@ class CpuDecoder:
                         # and the order changes the pixels, so its own preprocess runs.
                         return self.preprocess(image)
                     array = np.array(image.convert("RGB"))
-            return self.spec.apply(torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0))[0]
+            return self.spec.pixels(torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0))[0].contiguous()
         with self._open(data) as image:
             return self.preprocess(image)
 

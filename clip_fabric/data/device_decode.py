@@ -64,7 +64,9 @@ class DeviceImageDecoder:
     def __call__(self, batch: Batch) -> Batch:
         """``batch`` with ``images`` on the device for all its rows; rows whose JPEG no decoder reads move
         to ``errors``. Queues work on the device without waiting for it (no host synchronisation beyond
-        nvJPEG's own), so the batch before this one keeps the GPU busy meanwhile."""
+        nvJPEG's own), so the batch before this one keeps the GPU busy meanwhile. Takes a worker's batch
+        (uint8 pixels are normalised on the device) or one already there."""
+        batch = batch.to(self.device, self.spec.normalise)
         if batch.jpegs is None:
             return batch
         blobs = list(torch.split(batch.jpegs.data, batch.jpegs.lengths.tolist()))
@@ -77,7 +79,7 @@ class DeviceImageDecoder:
         else:
             images = torch.empty(len(batch.rows), 3, *self.spec.crop, device=self.device)
             if batch.images is not None:
-                images[self._index(batch.image_rows)] = batch.images.to(self.device, non_blocking=True)
+                images[self._index(batch.image_rows)] = batch.images
             if done:
                 images[self._index([jpeg_rows[i] for i in done])] = resized
         out = replace(batch, images=images, image_rows=None, jpegs=None)

@@ -110,20 +110,25 @@ def device_batches(
     """Batches of ``shards`` with ``images``/``texts`` on ``device`` as ``mode`` needs them; ``decode`` as
     resolved; ``local_ranks`` share the node's CPUs for ``--data.num_workers auto``."""
     # DCT scaling only where asked for, and never beside the GPU decoder (both keep 1e-5 without it).
+    # The cpu path hands uint8 pixels to a GPU, which normalises them in microseconds; a CPU run keeps
+    # that step in the workers, beside the decoding, rather than in its one main process.
     cpu = CpuDecoder(
         preprocess, tokenizer, data.max_image_pixels, mode="pil" if decode == "pil" else "cpu",
-        scale_jpegs=data.dct_scaling and decode == "cpu",
+        scale_jpegs=data.dct_scaling and decode == "cpu", normalise_on_device=device.type != "cpu",
     )  # fmt: skip
     gpu = decode == "gpu" and mode.reads_images
     stream = ShardStream(
         source, shards, cpu, batch_size, mode.reads_images, mode.caption_required, gpu_jpeg=gpu,
         cpu_share=data.cpu_decode_share,
     )  # fmt: skip
-    # Decoded float32 images (12 bytes a pixel) cross from the workers through shared memory, which caps
-    # --data.num_workers auto; JPEG bytes for the GPU decoder are small. A worker reads whole shards: no
-    # more workers than there are.
+    # Decoded images cross from the workers through shared memory, which caps --data.num_workers auto:
+    # uint8 pixels on the cpu path for a GPU (3 bytes a pixel), float32 model input otherwise (12); JPEG
+    # bytes for the GPU decoder are small. A worker reads whole shards: no more workers than there are.
     batch_bytes = (
-        12 * batch_size * cpu.spec.crop[0] * cpu.spec.crop[1]
+        (3 if cpu.normalise_on_device and cpu.mode == "cpu" else 12)
+        * batch_size
+        * cpu.spec.crop[0]
+        * cpu.spec.crop[1]
         if cpu.spec and mode.reads_images and not gpu
         else 0
     )
@@ -136,5 +141,6 @@ def device_batches(
         worker_init_fn=worker_shield(),
     )
     stage = DeviceImageDecoder(cpu.spec, cpu, device) if gpu else None
+    normalise = cpu.spec.normalise if cpu.spec is not None else None
     for batch in loader:
-        yield (stage(batch) if stage is not None else batch).to(device)
+        yield stage(batch) if stage is not None else batch.to(device, normalise)

@@ -4,6 +4,9 @@ Each worker takes every n-th shard of the rank, reads and decodes its samples in
 shard with a batch marked ``last``, so the writer knows when a shard's rows are all in. A sample that
 cannot be read or decoded becomes an error record in its batch instead of an exception.
 
+For a GPU, decoded images travel as uint8 pixels where the ``cpu`` path decoded them all
+(``CpuDecoder.decode``); the device normalises them (``Batch.to``).
+
 With ``gpu_jpeg`` the JPEGs the GPU decoder takes are checked (header, size) but not decoded: their bytes
 travel packed in one tensor (``Batch.jpegs``), and ``image_rows``/``jpegs.rows`` say which
 rows of the batch each image tensor belongs to; ``clip_fabric.data.device_decode`` decodes them on the device.
@@ -82,7 +85,7 @@ class ShardStream(IterableDataset):
                 if header is not None and header.mode in GPU_JPEG_MODES and not header.progressive:
                     self.decoder.check_pixels(header.width, header.height)
                     return raw.image, None
-            return self.decoder.image(raw.image), None
+            return self.decoder.decode(raw.image), None
         except Exception as err:  # noqa: BLE001 - whatever a broken file raises, the job goes on
             return None, f"undecodable image: {type(err).__name__}: {err}"
 
@@ -94,12 +97,22 @@ class ShardStream(IterableDataset):
         if not self.need_image or not images:
             return batch
         tensors = [i for i, image in enumerate(images) if isinstance(image, torch.Tensor)]
+        stacked = self._stack([images[i] for i in tensors]) if tensors else None
         if len(tensors) == len(images):
-            batch.images = torch.stack(images)
+            batch.images = stacked
             return batch
         jpegs = [i for i, image in enumerate(images) if not isinstance(image, torch.Tensor)]
         data, lengths = pack_bytes([images[i] for i in jpegs])
-        batch.images = torch.stack([images[i] for i in tensors]) if tensors else None
+        batch.images = stacked
         batch.image_rows = torch.tensor(tensors, dtype=torch.int64)
         batch.jpegs = PackedJpegs(data, lengths, torch.tensor(jpegs, dtype=torch.int64))
         return batch
+
+    def _stack(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """One tensor of the batch's decoded images: uint8 pixels where all are (the device normalises
+        them), else all as model input, for the rare batch where open_clip's own preprocess took some
+        (palette, alpha, CMYK images)."""
+        if len({image.dtype for image in images}) > 1:
+            normalise = self.decoder.spec.normalise
+            images = [normalise(i[None])[0] if i.dtype == torch.uint8 else i for i in images]
+        return torch.stack(images)
