@@ -62,25 +62,20 @@ def test_bad_option_is_one_line_before_any_work(tmp_path, args, message):
     assert not (tmp_path / "work").exists()
 
 
+def _tiny_benchmark(tiny_config, work) -> list[str]:
+    """benchmark on the CPU: the tiny model, 24 images of 64x48, batches of 8, 2 workers."""
+    return [
+        "benchmark", "--model.config", str(tiny_config), "--precision", "32-true", "--image_sizes", "64x48",
+        "--num_images", "24", "--batch_size", "8", "--num_workers", "2", "--accelerator", "cpu",
+        "--model_seconds", "0.1", "--work_dir", str(work),
+    ]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_benchmark_reports_model_pipeline_and_naive_loop(tmp_path, tiny_config, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the measurement processes on this small machine
     work = tmp_path / "work"
-    main(
-        [
-            "benchmark",
-            "--model.config", str(tiny_config),
-            "--precision", "32-true",
-            "--image_sizes", "64x48",
-            "--num_images", "24",
-            "--batch_size", "8",
-            "--num_workers", "2",
-            "--accelerator", "cpu",
-            "--naive_batch_size", "8",
-            "--model_seconds", "0.1",
-            "--work_dir", str(work),
-        ]
-    )  # fmt: skip
+    main([*_tiny_benchmark(tiny_config, work), "--naive_batch_size", "8"])
     report = json.loads((work / "benchmark.json").read_text())
     assert report["weights"].startswith("random-init weights")
     [data] = report["datasets"]
@@ -142,24 +137,8 @@ def test_defaults_run_predict_without_performance_options_on_shards_and_a_folder
 ):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     work = tmp_path / "work"
-    main(
-        [
-            "benchmark",
-            "--model.config", str(tiny_config),
-            "--precision", "32-true",
-            "--image_sizes", "64x48",
-            "--num_images", "24",
-            "--folder_images", "20",
-            "--defaults", "true",
-            "--batch_size", "8",
-            "--num_workers", "2",
-            "--accelerator", "cpu",
-            "--predict_args", "--data.max_image_pixels 1000000",
-            "--naive", "false",
-            "--model_seconds", "0.1",
-            "--work_dir", str(work),
-        ]
-    )  # fmt: skip
+    main([*_tiny_benchmark(tiny_config, work), "--folder_images", "20", "--defaults", "true",
+          "--predict_args", "--data.max_image_pixels 1000000", "--naive", "false"])  # fmt: skip
     report = json.loads((work / "benchmark.json").read_text())
     shard_set, folder_set = report["datasets"]
     assert (shard_set["input"], shard_set["images"], folder_set["input"], folder_set["images"]) == (

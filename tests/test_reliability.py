@@ -191,15 +191,7 @@ def test_preemption_signal_stops_cleanly_requeues_and_resumes(tmp_path, tiny_con
     cmd = _two_rank_command(tiny_config, out, workers=2)
     env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SLURM_JOB_ID": "4242",
                         "PATH": f"{bin_dir}:{os.environ['PATH']}"}  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)  # fmt: skip
-    stderr = _StreamReader(proc.stderr)
-    # The signal goes once rank 0 has handed 4 shards (32 rows) to the writer, by its progress bar. The
-    # done markers would be too late a cue: the writer's thread writes them behind the loop (the first
-    # parquet write imports pyarrow), and by the 4th marker the ranks may have computed every batch.
-    deadline = time.monotonic() + 180
-    while stderr.rows_written() < 32 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
+    proc, stderr = _start_and_await_rows(cmd, env)
     os.killpg(proc.pid, signal.SIGUSR1)  # SLURM signals every process of the job step
     proc.wait(timeout=120)
     stderr.join()
@@ -234,6 +226,21 @@ class _StreamReader(threading.Thread):
 
     def rows_written(self) -> int:
         return progress_rows(self.text())
+
+
+def _start_and_await_rows(
+    cmd: list[str], env: dict, rows: int = 32
+) -> tuple[subprocess.Popen, _StreamReader]:
+    """Start ``cmd`` in a session of its own and return once rank 0's progress bar shows ``rows`` (or the
+    run ended). The done markers would be too late a cue: the writer's thread writes them behind the loop
+    (the first parquet write imports pyarrow), and by the 4th the ranks may have computed every batch."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    stderr = _StreamReader(proc.stderr)
+    deadline = time.monotonic() + 180
+    while stderr.rows_written() < rows and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    return proc, stderr
 
 
 def _rank_pid(launcher_pid: int, rank: int) -> int | None:
@@ -316,12 +323,7 @@ def _signal_one_rank(tmp_path, tiny_config, workers: int, target) -> tuple[set[i
     cmd = _two_rank_command(tiny_config, out, workers)
     env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("SLURM_JOB_ID", None)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)  # fmt: skip
-    stderr = _StreamReader(proc.stderr)
-    deadline = time.monotonic() + 180
-    while stderr.rows_written() < 32 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
+    proc, stderr = _start_and_await_rows(cmd, env)
     os.kill(target(proc.pid), signal.SIGTERM)
     try:
         proc.wait(timeout=120)
