@@ -15,16 +15,6 @@ DataFormat = Literal["folder", "files", "webdataset", "synthetic"]
 Decode = Literal["auto", "gpu", "cpu", "pil"]
 Mode = Literal["image", "text", "both", "pair", "zeroshot"]
 
-# What each mode writes: embeddings of a tower (``image``, ``text``) and/or the image-caption cosine
-# similarity of each pair (``similarity``, a metadata column).
-MODE_OUTPUTS: dict[str, frozenset[str]] = {
-    "image": frozenset({"image"}),
-    "text": frozenset({"text"}),
-    "both": frozenset({"image", "text", "similarity"}),
-    "pair": frozenset({"similarity"}),
-    "zeroshot": frozenset({"image", "topk", "topk_probs"}),
-}
-
 
 @dataclass
 class ModelArgs:
