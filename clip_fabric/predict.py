@@ -156,6 +156,14 @@ def main(fabric: Fabric, job: Job) -> dict:
             job.source, mine, preprocess, tokenizer, job.data, embedder.max_batch, fabric.device, decode,
             job.mode, local_ranks,
         )  # fmt: skip
+        # What this run settled on, for the summary (the options may say auto).
+        ran = {
+            "decode": decode,
+            "jpeg_library": batches.jpeg_library,
+            "precision": job.run["fingerprint"]["precision"],
+            "num_workers": batches.workers,
+            "shard_size": getattr(job.source, "shard_size", None),
+        }
         writer = ShardWriter(job.output.dir, len(shards), job.output.dtype, enabled=strategy.writes)
         progress = Progress(fabric.global_rank, left, "samples", strategy.writes)
         job_stop = JobStop(stop, job_store())
@@ -167,9 +175,7 @@ def main(fabric: Fabric, job: Job) -> dict:
                 writer.add(batch.shard, batch.source, finished, batch.errors, batch.last)
                 progress.add(len(finished.rows), len(batch.errors), finished.filtered, latency)
         writer.close()
-        return _finish(
-            fabric, job, folder, len(shards), progress, embedder.max_batch, decode, job_stop.raised
-        )
+        return _finish(fabric, job, folder, len(shards), progress, embedder.max_batch, ran, job_stop.raised)
 
 
 def _build_embedder(
@@ -230,7 +236,7 @@ def _finish(
     num_shards: int,
     progress: Progress,
     batch_size: int,
-    decode: str,
+    ran: dict,
     stopped: bool,
 ) -> dict:
     """The job's summary, written by rank 0: totals of every shard done so far and this run's figures."""
@@ -260,9 +266,8 @@ def _finish(
     )
     summary = fabric.broadcast(summary, src=0)
     first = progress.first_batch_at
-    summary["this_run"] |= {
+    summary["this_run"] |= ran | {
         "batch_size": batch_size,
-        "decode": decode,
         "startup_s": round(first - job.started, 3) if first is not None else None,
         "batch_latency_ms": progress.latency_ms(),
         "steady_samples_per_s": round(float(counts[2]), 1) if not counts[3] else None,

@@ -166,3 +166,17 @@ def test_defaults_run_predict_without_performance_options_on_shards_and_a_folder
 
     with Image.open(work / "benchmark.png") as chart:
         chart.verify()
+
+
+def test_photo_sizes_vary_within_their_range_and_are_fixed_by_index():
+    from clip_fabric.benchmark.options import parse_size
+    from clip_fabric.benchmark.shards import PHOTO, photo_size, size_label
+
+    assert parse_size("photo") == PHOTO and size_label(PHOTO) == "photo"
+    sizes = [photo_size(i) for i in range(500)]
+    assert sizes == [photo_size(i) for i in range(500)]
+    assert len(set(sizes)) > 400  # almost every image its own size
+    for width, height in sizes:
+        short, long = min(width, height), max(width, height)
+        assert 256 <= short <= 768 and long <= 2 * short + 1
+    assert {w > h for w, h in sizes} == {True, False}

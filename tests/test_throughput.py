@@ -359,3 +359,43 @@ def test_device_batches_ship_uint8_to_a_device_and_float_to_the_cpu(device, monk
     assert set(crossed) - {None} == {shipped}
     assert all(b.images.dtype == torch.float32 and b.images.device.type == device for b in out if b.rows)
     assert sum(len(b.rows) for b in out) == 12
+
+
+@pytest.mark.parametrize("library", ["nvimgcodec", "torchvision"])
+def test_each_jpeg_library_matches_open_clip_on_varied_sizes(library):
+    """Both decoders of the GPU path, on their CPU backends, against open_clip's preprocess."""
+    if library == "nvimgcodec":
+        pytest.importorskip("nvidia.nvimgcodec")
+    sizes = [(500, 375), (37, 300), (300, 37), (16, 16), (640, 480), (333, 777)]
+    images = [encoded(s) for s in sizes] + [encoded((200, 150), mode="L")]
+    samples = [RawSample(f"k{i}", data, "c") for i, data in enumerate(images)]
+    cpu = CpuDecoder(PREPROCESS, open_clip.get_tokenizer("ViT-B-32"), mode="pil")
+    [reference] = batches(samples, cpu, gpu_jpeg=False)
+    [packed] = batches(samples, cpu, gpu_jpeg=True)
+    decoder = DeviceImageDecoder(cpu.spec, cpu, torch.device("cpu"), library=library)
+    assert decoder.library == library
+    out = decoder(packed)
+    assert [r["key"] for r in out.rows] == [f"k{i}" for i in range(len(images))]
+    cos = torch.nn.functional.cosine_similarity(out.images.flatten(1), reference.images.flatten(1))
+    assert cos.min() > 0.9999, cos
+
+
+def test_small_inputs_are_split_over_the_workers_and_come_back_in_shard_order():
+    from clip_fabric.data.batch import Batch
+    from clip_fabric.data.pipeline import in_shard_order, split_shards
+
+    shards = [Shard(0, "a", 0, 1000), Shard(1, "b", 1000, 1100)]
+    pieces = split_shards(shards, 8)
+    assert [(p[0].index, p[0].start, p[0].stop, p[1], p[2]) for p in pieces[:4]] == [
+        (0, 0, 250, 0, 4), (0, 250, 500, 1, 4), (0, 500, 750, 2, 4), (0, 750, 1000, 3, 4),
+    ]  # fmt: skip
+    assert [(p[0].start, p[0].stop) for p in pieces[4:]] == [(1000, 1100)]  # under 2 x MIN_PART: whole
+    assert split_shards(shards, 2) == shards
+    assert split_shards([Shard(0, "x.tar")], 8) == [Shard(0, "x.tar")]  # a tar's length is not known
+    # Workers deliver parts interleaved; the writer sees each shard whole, in order, with one last.
+    arrivals = [(0, 1, False), (0, 0, False), (0, 1, True), (0, 0, True), (0, 2, True), (0, 3, True)]
+    batches = [Batch(s, "a", [{"key": f"{p}"}], last=last, part=p, parts=4) for s, p, last in arrivals]
+    out = list(in_shard_order(batches))
+    assert [(b.rows[0]["key"], b.last) for b in out] == [
+        ("0", False), ("0", False), ("1", False), ("1", False), ("2", False), ("3", True),
+    ]  # fmt: skip

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from clip_fabric.benchmark.shards import PHOTO, size_label
 from clip_fabric.config import ModelArgs
 
 DEFAULT_WORK_DIR = str(Path(tempfile.gettempdir()) / "clip_fabric_benchmark")
@@ -38,8 +39,9 @@ name), ``--model.pretrained`` loads weights for every model measured."""
     float32."""
     tf32: bool = False
     """Pass ``--tf32 true`` to the runs."""
-    image_sizes: str | list[str] = "500x375,1024x768"
-    """``WIDTHxHEIGHT`` of the generated JPEGs, one or several."""
+    image_sizes: str | list[str] = "photo,500x375,1024x768"
+    """``WIDTHxHEIGHT`` of the generated JPEGs, one or several; ``photo``: a size of its own for every
+    image (shorter side 256-768 px, aspect 0.5-2), as real photo collections have."""
     num_images: int | list[int] | None = None
     """Images per size (one number for all, or one per size); rounded up to whole shards. Default:
     100,000 for images up to about 500x375, 20,000 for larger ones."""
@@ -170,7 +172,7 @@ name), ``--model.pretrained`` loads weights for every model measured."""
             "models": self.model_names,
             "precisions": self.precisions,
             "tf32": self.tf32,
-            "image_sizes": [f"{w}x{h}" for (w, h), _ in self.sets],
+            "image_sizes": [size_label(size) for size, _ in self.sets],
             "num_images": [c for _, c in self.sets],
             "shard_size": self.shard_size,
             "batch_size": self.batch_size,
@@ -219,15 +221,19 @@ def as_list(value: Any) -> list:
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """``"500x375"`` -> ``(500, 375)``."""
+    """``"500x375"`` -> ``(500, 375)``; ``"photo"`` -> ``PHOTO`` (sizes varying per image)."""
+    if str(text).strip().lower() == "photo":
+        return PHOTO
     try:
         width, height = (int(v) for v in str(text).lower().split("x"))
     except ValueError:
-        raise ValueError(f"--image_sizes {text!r} is not WIDTHxHEIGHT, e.g. 500x375") from None
+        raise ValueError(f"--image_sizes {text!r} is not WIDTHxHEIGHT (e.g. 500x375) or photo") from None
     if width < 8 or height < 8:
         raise ValueError(f"--image_sizes {text!r}: width and height must be >= 8")
     return width, height
 
 
 def default_num_images(size: tuple[int, int]) -> int:
+    if size == PHOTO:
+        return 40_000
     return 100_000 if size[0] * size[1] <= 1.5 * 500 * 375 else 20_000

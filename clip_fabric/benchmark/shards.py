@@ -11,12 +11,39 @@ import tarfile
 import time
 from pathlib import Path
 
-GENERATOR_VERSION = 1  # bump when the generated images change, so that cached shards are not reused
+GENERATOR_VERSION = 2  # bump when the generated images change, so that cached shards are not reused
 JPEG_QUALITY = 90
 # Noise levels of the generated pictures: at quality 90 they give about 60-90 kB per 500x375 JPEG and
 # 250-350 kB per 1024x768 one, the sizes of web photos (~75 kB, ~310 kB).
 NOISE_SIGMAS = (7, 9, 11, 13)
 TARGET_SHARD_SIZE = 1000
+# ``--image_sizes photo``: a size of its own for every image, as crawled photos and img2dataset's
+# keep_ratio shards have: the shorter side uniform in [256, 768] px, the aspect ratio log-uniform in
+# [0.5, 2], half of them portrait.
+PHOTO = (0, 0)
+PHOTO_SHORT_SIDE = (256, 768)
+PHOTO_ASPECT = 2.0
+
+
+def photo_size(index: int) -> tuple[int, int]:
+    """(width, height) of image ``index`` of the photo-like set: the same on every run."""
+    import numpy as np
+
+    rng = np.random.default_rng((7, index))
+    short = int(rng.integers(PHOTO_SHORT_SIDE[0], PHOTO_SHORT_SIDE[1] + 1))
+    long = max(short, int(round(short * PHOTO_ASPECT ** float(rng.uniform(0, 1)))))
+    return (long, short) if rng.uniform() < 0.5 else (short, long)
+
+
+def image_size(index: int, size: tuple[int, int]) -> tuple[int, int]:
+    """Image ``index``'s size in a set of ``size`` (PHOTO: its own)."""
+    return photo_size(index) if size == PHOTO else size
+
+
+def size_label(size: tuple[int, int]) -> str:
+    return "photo" if size == PHOTO else f"{size[0]}x{size[1]}"
+
+
 FOLDER_TASK = 500  # images per task of the folder generator's pool
 
 
@@ -46,10 +73,13 @@ def synthetic_photo(index: int, size: tuple[int, int], quality: int = JPEG_QUALI
 
 
 _NOISE: dict = {}
+NOISE_SIDE = 1600
 
 
 def _noise(size: tuple[int, int], sigma: int):
-    """Gaussian noise around 128, 256 pixels larger than ``size`` each way; made once per process."""
+    """Gaussian noise around 128, 256 pixels larger than ``size`` each way and at least NOISE_SIDE
+    square, so that the photo-like set's many sizes share one field; made once per process."""
+    size = (max(size[0], NOISE_SIDE), max(size[1], NOISE_SIDE))
     if (size, sigma) not in _NOISE:
         import numpy as np
         from PIL import Image
@@ -79,9 +109,10 @@ def _write_shard(task: tuple[str, int, int, int, int]) -> int:
     jpeg_bytes = 0
     with tarfile.open(tmp, "w") as tar:
         for i in range(index * count, (index + 1) * count):
-            jpeg = synthetic_photo(i, (width, height))
+            dims = image_size(i, (width, height))
+            jpeg = synthetic_photo(i, dims)
             jpeg_bytes += len(jpeg)
-            caption = f"a synthetic photo number {i}, {width}x{height}".encode()
+            caption = f"a synthetic photo number {i}, {dims[0]}x{dims[1]}".encode()
             for ext, data in (("jpg", jpeg), ("txt", caption)):
                 info = tarfile.TarInfo(f"{i:09d}.{ext}")
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -97,7 +128,7 @@ def _write_files(task: tuple[str, list[int], int, int]) -> int:
     for i in indices:
         path = Path(folder) / f"{i:09d}.jpg"
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        jpeg = synthetic_photo(i, (width, height))
+        jpeg = synthetic_photo(i, image_size(i, (width, height)))
         tmp.write_bytes(jpeg)
         tmp.rename(path)
         total += len(jpeg)
@@ -119,19 +150,19 @@ def make_dataset(
     """The tar shards of one image size, generated where missing, else reused; ``workers`` is the
     shard-count granularity when ``shard_size`` is None (see ``shard_layout``)."""
     shards, per_shard = shard_layout(num_images, shard_size, workers)
-    folder = work / "shards" / f"{size[0]}x{size[1]}-s{per_shard}-q{JPEG_QUALITY}-v{GENERATOR_VERSION}"
+    folder = work / "shards" / f"{size_label(size)}-s{per_shard}-q{JPEG_QUALITY}-v{GENERATOR_VERSION}"
     folder.mkdir(parents=True, exist_ok=True)
     missing = [i for i in range(shards) if not (folder / f"{i:06d}.tar").is_file()]
     start = time.perf_counter()
     if missing:
-        what = f"{len(missing) * per_shard} {size[0]}x{size[1]} JPEGs in {len(missing)} shards into {folder}"
+        what = f"{len(missing) * per_shard} {size_label(size)} JPEGs in {len(missing)} shards into {folder}"
         _generate(_write_shard, [(str(folder), i, per_shard, *size) for i in missing], what)
     for stale in folder.glob("*.tmp*"):  # left by an interrupted generation
         stale.unlink(missing_ok=True)
     with tarfile.open(folder / "000000.tar") as tar:
         jpeg_sizes = [m.size for m in tar.getmembers() if m.name.endswith(".jpg")]
     return {
-        "image_size": f"{size[0]}x{size[1]}",
+        "image_size": size_label(size),
         "input": "webdataset",
         "dir": str(folder),
         "shards": shards,
@@ -148,21 +179,21 @@ def make_folder(work: Path, size: tuple[int, int], num_images: int, workers: int
     """A folder of ``num_images`` JPEG files of one size (no captions, as a folder of photos is), from
     the shards' generator: image ``i`` is the shards' image ``i``. ``shard_size`` is what the tuned
     ``predict`` runs pass as ``--data.shard_size``: a multiple of ``workers`` shards, as for tar shards."""
-    name = f"{size[0]}x{size[1]}-n{num_images}-q{JPEG_QUALITY}-v{GENERATOR_VERSION}"
+    name = f"{size_label(size)}-n{num_images}-q{JPEG_QUALITY}-v{GENERATOR_VERSION}"
     folder = work / "folders" / name
     folder.mkdir(parents=True, exist_ok=True)
     missing = [i for i in range(num_images) if not (folder / f"{i:09d}.jpg").is_file()]
     start = time.perf_counter()
     if missing:
         chunks = [missing[i : i + FOLDER_TASK] for i in range(0, len(missing), FOLDER_TASK)]
-        what = f"{len(missing)} {size[0]}x{size[1]} JPEG files into {folder}"
+        what = f"{len(missing)} {size_label(size)} JPEG files into {folder}"
         _generate(_write_files, [(str(folder), chunk, *size) for chunk in chunks], what)
     for stale in folder.glob("*.tmp*"):
         stale.unlink(missing_ok=True)
     file_bytes = sum((folder / f"{i:09d}.jpg").stat().st_size for i in range(num_images))
     _, per_shard = shard_layout(num_images, None, workers)
     return {
-        "image_size": f"{size[0]}x{size[1]}",
+        "image_size": size_label(size),
         "input": "folder",
         "dir": str(folder),
         "shards": math.ceil(num_images / per_shard),

@@ -34,6 +34,10 @@ class Batch:
     image_rows: Tensor | None = None
     texts: Tensor | None = None
     jpegs: PackedJpegs | None = None
+    part: int = 0
+    """Which of the ``parts`` of its shard the batch belongs to: a shard is read by several workers where
+    there are fewer shards than workers, and ``last`` then ends one part (``pipeline.in_shard_order``)."""
+    parts: int = 1
 
     def pin_memory(self) -> Batch:
         """Called by the DataLoader's pin-memory thread, so the copies to the GPU can be asynchronous."""

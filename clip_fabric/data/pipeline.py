@@ -10,7 +10,9 @@ A background thread with its own CUDA stream was tried first and hung at scale o
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 
 import torch
 from lightning.fabric import Fabric
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 # Room kept per sample for what the GPU decoder holds besides the model's activations: the decoded
 # image and its float copy for photos up to about 1 megapixel, and the batches in flight.
 GPU_DECODE_BYTES_PER_SAMPLE = 16 * 1024 * 1024
+MIN_PART = 64  # fewest samples in one part of a shard that several workers read
 
 
 def resolve_decode(decode: str, device: torch.device, preprocess: Callable) -> str:
@@ -95,52 +98,100 @@ def choose_batch_size(
     return found
 
 
-def device_batches(
-    source: Source,
-    shards: list[Shard],
-    preprocess: Callable,
-    tokenizer: Callable,
-    data: DataArgs,
-    batch_size: int,
-    device: torch.device,
-    decode: str,
-    mode: Mode,
-    local_ranks: int = 1,
-) -> Iterator[Batch]:
-    """Batches of ``shards`` with ``images``/``texts`` on ``device`` as ``mode`` needs them; ``decode`` as
-    resolved; ``local_ranks`` share the node's CPUs for ``--data.num_workers auto``."""
-    # DCT scaling only where asked for, and never beside the GPU decoder (both keep 1e-5 without it).
-    # The cpu path hands uint8 pixels to a GPU, which normalises them in microseconds; a CPU run keeps
-    # that step in the workers, beside the decoding, rather than in its one main process.
-    cpu = CpuDecoder(
-        preprocess, tokenizer, data.max_image_pixels, mode="pil" if decode == "pil" else "cpu",
-        scale_jpegs=data.dct_scaling and decode == "cpu", normalise_on_device=device.type != "cpu",
-    )  # fmt: skip
-    gpu = decode == "gpu" and mode.reads_images
-    stream = ShardStream(
-        source, shards, cpu, batch_size, mode.reads_images, mode.caption_required, gpu_jpeg=gpu,
-        cpu_share=data.cpu_decode_share,
-    )  # fmt: skip
-    # Decoded images cross from the workers through shared memory, which caps --data.num_workers auto:
-    # uint8 pixels on the cpu path for a GPU (3 bytes a pixel), float32 model input otherwise (12); JPEG
-    # bytes for the GPU decoder are small. A worker reads whole shards: no more workers than there are.
-    batch_bytes = (
-        (3 if cpu.normalise_on_device and cpu.mode == "cpu" else 12)
-        * batch_size
-        * cpu.spec.crop[0]
-        * cpu.spec.crop[1]
-        if cpu.spec and mode.reads_images and not gpu
-        else 0
-    )
-    workers = min(resolve_num_workers(data.num_workers, local_ranks, batch_bytes), len(shards))
-    loader = DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        worker_init_fn=worker_shield(),
-    )
-    stage = DeviceImageDecoder(cpu.spec, cpu, device) if gpu else None
-    normalise = cpu.spec.normalise if cpu.spec is not None else None
-    for batch in loader:
-        yield stage(batch) if stage is not None else batch.to(device, normalise)
+class DeviceBatches:
+    """Batches of ``shards`` with ``images``/``texts`` on ``device`` as ``mode`` needs them, in shard order;
+    ``decode`` as resolved; ``local_ranks`` share the node's CPUs for ``--data.num_workers auto``. What it
+    settled on is kept for the summary: ``workers`` and, on the GPU path, ``jpeg_library``."""
+
+    def __init__(
+        self,
+        source: Source,
+        shards: list[Shard],
+        preprocess: Callable,
+        tokenizer: Callable,
+        data: DataArgs,
+        batch_size: int,
+        device: torch.device,
+        decode: str,
+        mode: Mode,
+        local_ranks: int = 1,
+    ) -> None:
+        # DCT scaling only where asked for, and never beside the GPU decoder (both keep 1e-5 without it).
+        # The cpu path hands uint8 pixels to a GPU, which normalises them in microseconds; a CPU run keeps
+        # that step in the workers, beside the decoding, rather than in its one main process.
+        cpu = CpuDecoder(
+            preprocess, tokenizer, data.max_image_pixels, mode="pil" if decode == "pil" else "cpu",
+            scale_jpegs=data.dct_scaling and decode == "cpu", normalise_on_device=device.type != "cpu",
+        )  # fmt: skip
+        gpu = decode == "gpu" and mode.reads_images
+        # Decoded images cross from the workers through shared memory, which caps --data.num_workers
+        # auto: uint8 pixels on the cpu path for a GPU (3 bytes a pixel), float32 model input otherwise
+        # (12); JPEG bytes for the GPU decoder are small.
+        batch_bytes = (
+            (3 if cpu.normalise_on_device and cpu.mode == "cpu" else 12)
+            * batch_size
+            * cpu.spec.crop[0]
+            * cpu.spec.crop[1]
+            if cpu.spec and mode.reads_images and not gpu
+            else 0
+        )
+        wanted = resolve_num_workers(data.num_workers, local_ranks, batch_bytes)
+        pieces = split_shards(shards, wanted)
+        self.workers = min(wanted, len(pieces))
+        stream = ShardStream(
+            source, pieces, cpu, batch_size, mode.reads_images, mode.caption_required, gpu_jpeg=gpu,
+            cpu_share=data.cpu_decode_share,
+        )  # fmt: skip
+        self.loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.workers,
+            pin_memory=device.type == "cuda",
+            worker_init_fn=worker_shield(),
+        )
+        self.stage = DeviceImageDecoder(cpu.spec, cpu, device) if gpu else None
+        self.jpeg_library = self.stage.library if self.stage is not None else None
+        self.device, self.normalise = device, cpu.spec.normalise if cpu.spec is not None else None
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in in_shard_order(self.loader):
+            yield self.stage(batch) if self.stage is not None else batch.to(self.device, self.normalise)
+
+
+device_batches = DeviceBatches
+
+
+def split_shards(shards: list[Shard], workers: int) -> list[Shard | tuple[Shard, int, int]]:
+    """The pieces the workers read: the shards themselves where there are at least as many as workers
+    (or their length is not known before reading, as a tar's), else each shard cut into parts of at
+    least MIN_PART samples, ``(part, index, count)``, so that a small input keeps every worker busy."""
+    if len(shards) >= workers or not shards or any(s.stop <= s.start for s in shards):
+        return list(shards)
+    pieces: list[Shard | tuple[Shard, int, int]] = []
+    for shard in shards:
+        size = shard.stop - shard.start
+        parts = max(1, min(-(-workers // len(shards)), size // MIN_PART))
+        bounds = [shard.start + size * p // parts for p in range(parts + 1)]
+        pieces += [(replace(shard, start=bounds[p], stop=bounds[p + 1]), p, parts) for p in range(parts)]
+    return pieces if len(pieces) > len(shards) else list(shards)
+
+
+def in_shard_order(batches: Iterable[Batch]) -> Iterator[Batch]:
+    """Batches as one worker reading each whole shard would give them: the parts of a shard, read by
+    several workers at once, one after the other, and ``last`` only on the shard's last batch. Batches of
+    a part that is not next wait here (a small input's, at most the shard's later parts)."""
+    waiting: dict[tuple[int, int], deque[Batch]] = defaultdict(deque)
+    current: dict[int, int] = {}
+    for batch in batches:
+        if batch.parts == 1:
+            yield batch
+            continue
+        waiting[batch.shard, batch.part].append(batch)
+        part = current.get(batch.shard, 0)
+        while waiting.get((batch.shard, part)):
+            out = waiting[batch.shard, part].popleft()
+            if out.last:
+                del waiting[batch.shard, part]
+                part += 1
+            yield replace(out, last=out.last and part == out.parts, part=0, parts=1)
+        current[batch.shard] = part

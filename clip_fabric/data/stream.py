@@ -1,7 +1,8 @@
 """Turns a rank's shards into batches that never straddle two shards, in DataLoader workers.
 
-Each worker takes every n-th shard of the rank, reads and decodes its samples in order, and ends each
-shard with a batch marked ``last``, so the writer knows when a shard's rows are all in. A sample that
+Each worker takes every n-th piece of the rank's shards (a whole shard, or one of the ``parts`` of a
+shard where there are fewer shards than workers), reads and decodes its samples in order, and ends each
+piece with a batch marked ``last``, so the writer knows when a shard's rows are all in. A sample that
 cannot be read or decoded becomes an error record in its batch instead of an exception.
 
 For a GPU, decoded images travel as uint8 pixels where the ``cpu`` path decoded them all
@@ -30,7 +31,7 @@ class ShardStream(IterableDataset):
     def __init__(
         self,
         source: Source,
-        shards: list[Shard],
+        shards: list[Shard | tuple[Shard, int, int]],
         decoder: CpuDecoder,
         batch_size: int,
         need_image: bool,
@@ -49,9 +50,12 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
-        shards = self.shards[info.id :: info.num_workers] if info is not None else self.shards
-        for shard in shards:
-            yield from self._batches(shard)
+        pieces = self.shards[info.id :: info.num_workers] if info is not None else self.shards
+        for piece in pieces:
+            shard, part, parts = piece if isinstance(piece, tuple) else (piece, 0, 1)
+            for batch in self._batches(shard):
+                batch.part, batch.parts = part, parts
+                yield batch
 
     def _batches(self, shard: Shard) -> Iterator[Batch]:
         rows, images, captions, errors = [], [], [], []
