@@ -33,6 +33,7 @@ class RawSample:
     caption: str | None = None
     meta: dict[str, str | None] = field(default_factory=dict)  # more metadata columns (image_path, .json)
     error: str | None = None
+    caption_error: str | None = None  # why ``caption`` is None where a caption was there but unreadable
 
 
 class Source(Protocol):

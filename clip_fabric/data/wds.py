@@ -21,7 +21,7 @@ from webdataset.gopen import gopen
 from clip_fabric.config import DataArgs
 from clip_fabric.data import IMAGE_EXTENSIONS, RawSample, Shard
 from clip_fabric.data.folder import open_regular
-from clip_fabric.data.meta import json_fields, text
+from clip_fabric.data.meta import json_fields, text, writable
 
 CAPTION_FIELDS = ("txt", "caption", "text")
 # Magic numbers of the compressions tarfile's stream mode undoes (gzip, bzip2, xz): a compressed tar
@@ -83,7 +83,7 @@ class WebDatasetSource:
                         continue
                     if current is not None and current["__key__"] != key:
                         count += 1
-                        yield self._raw(current)
+                        yield self._safe_raw(current)
                         current = None
                     current = current or {"__key__": key}
                     ext = ext.lower()
@@ -95,14 +95,14 @@ class WebDatasetSource:
         except Exception as err:  # noqa: BLE001 - a broken tar keeps the samples read before the break
             if current is not None:
                 count += 1
-                yield self._raw(current)
+                yield self._safe_raw(current)
                 current = None
             yield RawSample(
-                f"{Path(shard.name).name}#{count}",
-                error=f"tar shard unreadable after {count} samples: {type(err).__name__}: {err}",
+                writable(f"{Path(shard.name).name}#{count}"),
+                error=writable(f"tar shard unreadable after {count} samples: {type(err).__name__}: {err}"),
             )
         if current is not None:
-            yield self._raw(current)
+            yield self._safe_raw(current)
 
     @contextmanager
     def _open(self, url: str) -> Iterator[BinaryIO]:
@@ -118,21 +118,33 @@ class WebDatasetSource:
         finally:
             stream.close()
 
+    def _safe_raw(self, sample: dict) -> RawSample:
+        """``_raw``, where anything it raises is that sample's error, not the tar's."""
+        try:
+            return self._raw(sample)
+        except Exception as err:  # noqa: BLE001 - one sample's bytes must not lose the rest of the tar
+            key = writable(sample["__key__"])
+            return RawSample(key, error=f"unreadable sample: {type(err).__name__}: {writable(str(err))}")
+
     def _raw(self, sample: dict) -> RawSample:
-        raw = RawSample(sample["__key__"], meta={"image_path": sample["__key__"]})
+        key = writable(sample["__key__"])  # a member name that is not UTF-8, escaped
+        raw = RawSample(key, meta={"image_path": key})
         try:
             raw.meta |= self._fields(sample)
-            field = next((f for f in self.caption_keys if f in sample), None)
-            raw.caption = text(sample[field], f"caption {raw.key}.{field}") if field else None
         except ValueError as err:
-            raw.error = str(err)
+            raw.error = writable(str(err))
             return raw
+        field = next((f for f in self.caption_keys if f in sample), None)
+        try:
+            raw.caption = text(sample[field], f"caption {raw.key}.{field}") if field else None
+        except ValueError as err:  # an error only where the caption is needed (``text``, ``both``, ...)
+            raw.caption_error = str(err)
         if "__duplicates__" in sample:
-            raw.error = f"the tar holds {', '.join(sample['__duplicates__'])} more than once"
+            raw.error = writable(f"the tar holds {', '.join(sample['__duplicates__'])} more than once")
             return raw
         if self.text_only:
             if raw.caption is None:
-                raw.error = f"no caption field ({'/'.join(self.caption_keys)}) in sample"
+                raw.error = raw.caption_error or f"no caption field ({'/'.join(self.caption_keys)}) in sample"
             return raw
         ext = next((e for e in self.image_keys if e in sample), None)
         if ext is None:
@@ -150,9 +162,10 @@ class WebDatasetSource:
             try:
                 fields = json_fields(sample["json"])
             except ValueError as err:
-                raise ValueError(f"metadata {sample['__key__']}.json unreadable: {err}") from None
-        if "cls" in sample:  # the class index of a labelled sample, for zero-shot evaluation
-            fields["label"] = text(sample["cls"], f"label {sample['__key__']}.cls")
+                raise ValueError(f"metadata {writable(sample['__key__'])}.json unreadable: {err}") from None
+        if "cls" in sample:  # the class index of a labelled sample, for zero-shot evaluation; bytes that
+            # are not UTF-8 are escaped (``evaluate`` names the bad label; ``image`` mode does not need it)
+            fields["label"] = writable(sample["cls"].decode("utf-8", "surrogateescape").strip())
         return fields
 
     def members(self, shard: Shard) -> list[str]:
