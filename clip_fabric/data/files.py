@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import fsspec
 import pyarrow as pa
@@ -34,12 +35,23 @@ def read_url(url: str, limit: int | None = None) -> tuple[bytes | None, str | No
             size = getattr(f, "size", None)
             if limit is not None and isinstance(size, int) and size > limit:
                 return None, f"unreadable url {url}: {over_limit(limit, size)}"
-            data = f.read() if limit is None else f.read(limit + 1)
+            data = f.read() if limit is None else _read_at_most(f, limit + 1)
     except Exception as err:  # noqa: BLE001 - any failure of a remote read is a per-sample error
         return None, f"unreadable url {url}: {type(err).__name__}: {err}"
     if limit is not None and len(data) > limit:
         return None, f"unreadable url {url}: {over_limit(limit)}"
     return (data, None) if data else (None, "empty file")
+
+
+def _read_at_most(f: BinaryIO, count: int) -> bytes:
+    """Up to ``count`` bytes of ``f``: a stream's read may return fewer than asked before its end."""
+    data = bytearray()
+    while len(data) < count:
+        block = f.read(count - len(data))
+        if not block:
+            break
+        data += block
+    return bytes(data)
 
 
 class FileListSource:
