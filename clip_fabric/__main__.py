@@ -13,6 +13,7 @@ import sys
 from jsonargparse import CLI, set_parsing_settings
 
 from clip_fabric import benchmark, doctor, evaluate, predict, verify_precision
+from clip_fabric.preemption import stops_end_cleanly
 from clip_fabric.run_folder import exit_status
 
 COMMANDS = {
@@ -24,6 +25,7 @@ COMMANDS = {
 }
 
 
+@stops_end_cleanly  # SIGTERM, SIGUSR1 or Ctrl-C in set-up: one line and exit 75, as in the loop
 def main(args: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("clip_fabric").setLevel(logging.INFO)
