@@ -12,7 +12,6 @@ from PIL import Image
 from test_predict import predict
 
 from clip_fabric.config import DataArgs
-from clip_fabric.config_files import MAX_CONFIG_VALUES
 from clip_fabric.data import IMAGE_EXTENSIONS
 
 
@@ -39,6 +38,8 @@ def test_a_checkpoint_that_cannot_be_loaded_is_one_line(
 
 
 def test_a_yaml_alias_bomb_is_refused_before_it_is_expanded(capsys, tmp_path):
+    from clip_fabric.config_files import MAX_CONFIG_VALUES
+
     lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     for level in range(1, 9):  # 10**9 values once expanded
         lines.append(f"l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * 10)}]")
