@@ -102,3 +102,21 @@ def test_an_endless_http_body_is_cut_at_the_byte_cap(tmp_path):
         assert time.monotonic() - started < 20  # not the 30 s timeout
     finally:
         server.shutdown()
+
+
+def test_a_tar_member_over_the_byte_cap_is_its_samples_error_unread(tmp_path):
+    """A member's header says its size: one over the cap is skipped, not read into memory."""
+    from conftest import write_tar
+
+    from clip_fabric.data.wds import WebDatasetSource
+
+    small, big = jpeg_bytes(0, (4, 4)), jpeg_bytes(1, (200, 200))
+    path = write_tar(tmp_path / "t.tar", [{"__key__": "a", "jpg": big, "txt": b"x"},
+                                          {"__key__": "b", "jpg": small, "txt": b"y"}])  # fmt: skip
+    limit = len(small) + 10
+    a, b = WebDatasetSource([str(path)], max_bytes=limit).samples(Shard(0, str(path)))
+    assert a.error == (
+        f"tar member a.jpg ({len(big):,} bytes) is over --data.max_image_bytes {limit:,}: not read "
+        "(raise it, or null for no limit)"
+    )
+    assert b.error is None and b.image == small and b.caption == "y"

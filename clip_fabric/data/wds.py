@@ -9,6 +9,8 @@ found by listing a folder are always opened as files, whatever their names.
 
 from __future__ import annotations
 
+import re
+import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,8 +52,10 @@ class WebDatasetSource:
         caption_key: str | None = None,
         json_metadata: bool = True,
         listed: bool = False,
+        max_bytes: int | None = None,
     ) -> None:
         self.urls = urls
+        self.max_bytes = max_bytes  # a member over it is not read (its header gives its size)
         self.text_only = text_only
         self.image_keys = (image_key,) if image_key else IMAGE_EXTENSIONS
         self.caption_keys = (caption_key,) if caption_key else CAPTION_FIELDS
@@ -65,7 +69,15 @@ class WebDatasetSource:
         missing = [u for u in urls if _is_file_name(u, listed) and not Path(u).is_file()]
         if len(missing) == len(urls):
             raise ValueError(f"--data.source {args.source!r}: none of its {len(urls)} tar files exists")
-        return cls(urls, text_only, args.image_key, args.caption_key, args.json_metadata, listed)
+        return cls(
+            urls,
+            text_only,
+            args.image_key,
+            args.caption_key,
+            args.json_metadata,
+            listed,
+            args.max_image_bytes,
+        )
 
     def shards(self) -> list[Shard]:
         return [Shard(i, url) for i, url in enumerate(self.urls)]
@@ -76,8 +88,7 @@ class WebDatasetSource:
         count, current = 0, None
         try:
             with self._open(shard.name) as stream:
-                files = tariterators.tar_file_expander([{"url": shard.name, "stream": stream}])
-                for file in files:
+                for file in _members(stream, self.max_bytes):
                     key, ext = tariterators.base_plus_ext(file.get("fname", ""))
                     if key is None:
                         continue
@@ -89,7 +100,9 @@ class WebDatasetSource:
                     ext = ext.lower()
                     if ext in current:  # tar keeps both; which one is the sample's cannot be told
                         current.setdefault("__duplicates__", []).append(f"{key}.{ext}")
-                    current[ext] = file["data"]
+                    if file["data"] is None:
+                        current.setdefault("__too_big__", []).append(f"{key}.{ext} ({file['size']:,} bytes)")
+                    current[ext] = file["data"] or b""
             if _is_file_name(shard.name, self.listed):
                 _check_tar_size(Path(shard.name))
         except Exception as err:  # noqa: BLE001 - a broken tar keeps the samples read before the break
@@ -139,6 +152,12 @@ class WebDatasetSource:
             raw.caption = text(sample[field], f"caption {raw.key}.{field}") if field else None
         except ValueError as err:  # an error only where the caption is needed (``text``, ``both``, ...)
             raw.caption_error = str(err)
+        if "__too_big__" in sample:
+            raw.error = writable(
+                f"tar member {', '.join(sample['__too_big__'])} is over --data.max_image_bytes "
+                f"{self.max_bytes:,}: not read (raise it, or null for no limit)"
+            )
+            return raw
         if "__duplicates__" in sample:
             raw.error = writable(f"the tar holds {', '.join(sample['__duplicates__'])} more than once")
             return raw
@@ -177,6 +196,24 @@ class WebDatasetSource:
         except OSError:
             return [shard.name, "missing"]
         return [shard.name, str(stat.st_size), str(stat.st_mtime_ns)]
+
+
+def _members(stream: BinaryIO, limit: int | None) -> Iterator[dict]:
+    """The tar's regular files as webdataset's ``tar_file_iterator`` yields them (``fname``, ``data``;
+    its ``__meta__`` members skipped), except that a member over ``limit`` bytes is not read: its
+    ``data`` is None and ``size`` says how large its header claims it is."""
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            name = info.name
+            if not info.isreg() or re.match(r"__[^/]*__($|/)", name):
+                continue
+            if "/" not in name and name.startswith("__") and name.endswith("__"):
+                continue
+            if limit is not None and info.size > limit:
+                yield {"fname": name, "data": None, "size": info.size}
+            else:
+                yield {"fname": name, "data": tar.extractfile(info).read()}
+            tar.members = []  # a stream's members are not kept: memory stays flat over a long tar
 
 
 def _is_file_name(url: str, listed: bool) -> bool:
