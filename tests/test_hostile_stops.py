@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from conftest import REPO, cli_in_process, read_output
@@ -111,3 +112,19 @@ def test_a_data_worker_killed_outright_is_named(capsys, tmp_path, tiny_config, i
         f"clip_fabric: error: a data worker of this rank died (pid {pid_file.read_text()}, killed by SIGKILL)"
     ), result.stderr[-2000:]
     assert "rerun the same command to resume" in last
+
+
+def test_ctrl_c_reaches_launched_ranks_as_sigterm_and_a_second_one_does_not_wait():
+    from clip_fabric.preemption import StopRequest, StopSignal
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with pytest.raises(StopSignal), StopRequest(lambda: [child.pid]) as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signal == signal.SIGINT  # the first: finish the open shards
+            assert child.wait(timeout=30) == -signal.SIGTERM  # not a SIGINT a rank would take as a second
+            os.kill(os.getpid(), signal.SIGINT)  # the second: stop now
+            time.sleep(5)
+    finally:
+        child.kill()
+        child.wait()
