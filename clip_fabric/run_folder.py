@@ -327,6 +327,8 @@ class RunFolder:
             try:
                 record = json.loads(self.fs.cat_file(path))
                 problem = _marker_problem(record, index)
+            except FileNotFoundError:  # removed since the listing (rank 0 redoing a stale shard)
+                continue
             except (ValueError, UnicodeDecodeError) as err:
                 problem = f"{type(err).__name__}: {err}"
             if problem is None and isinstance(record.get("files"), dict):
