@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clip_fabric.data.meta import writable
 from clip_fabric.modes import Finished
 from clip_fabric.run_folder import DONE_DIR, EMBEDDING_DIRS, RunFolder
 
@@ -149,13 +150,16 @@ def _table(rows: list[dict]) -> pa.Table | None:
     if not rows:
         return None
     names = dict.fromkeys(name for row in rows for name in row)  # every row's columns (.json fields differ)
-    columns = {name: [row.get(name) for row in rows] for name in names}
-    return pa.table(
-        {
-            name: pa.array(values, _column_type(next((v for v in values if v is not None), None)))
-            for name, values in columns.items()
-        }
-    )
+    columns = {writable(name): [row.get(name) for row in rows] for name in names}
+    return pa.table({name: _array(values) for name, values in columns.items()})
+
+
+def _array(values: list) -> pa.Array:
+    kind = _column_type(next((v for v in values if v is not None), None))
+    try:
+        return pa.array(values, kind)
+    except UnicodeEncodeError:  # text the sources did not escape (a tar file's own name): escaped here
+        return pa.array([writable(v) if isinstance(v, str) else v for v in values], kind)
 
 
 def _column_type(value: object) -> pa.DataType:

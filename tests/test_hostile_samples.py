@@ -123,3 +123,17 @@ def test_json_fields_escape_what_a_writer_cannot_take():
         json_fields(DEEP)
     with pytest.raises(ValueError, match="given twice"):
         json_fields(TWICE)
+
+
+def test_a_tar_file_whose_name_is_not_utf8_is_embedded_and_its_errors_written(tmp_path, tiny_config):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    name = os.fsdecode(os.fsencode(shards) + b"/" + NOT_UTF8 + b".tar")  # held with a surrogate escape
+    with tarfile.open(name, "w") as tar:
+        tar_member(tar, "k0.jpg", jpeg_bytes(0, (16, 16)))
+        tar_member(tar, "k1.txt", b"a sample without an image")
+    data = DataArgs(format="webdataset", source=str(shards), num_workers=0)
+    out, summary = predict(tmp_path, tiny_config, data)
+    assert summary["rows"] == 1 and summary["errors"] == 1 and summary["shards_done"] == 1
+    (error,) = pq.read_table(next((out / "errors").glob("*.parquet"))).to_pylist()
+    assert error["key"] == "k1" and error["source"] == f"{shards}/caf\\xe9.tar"
