@@ -13,6 +13,8 @@ import sys
 from jsonargparse import CLI, set_parsing_settings
 
 from clip_fabric import benchmark, doctor, evaluate, predict, verify_precision
+from clip_fabric.config_files import check_config_files
+from clip_fabric.preemption import stops_end_cleanly
 from clip_fabric.run_folder import exit_status
 
 COMMANDS = {
@@ -24,11 +26,13 @@ COMMANDS = {
 }
 
 
+@stops_end_cleanly  # SIGTERM, SIGUSR1 or Ctrl-C in set-up: one line and exit 75, as in the loop
 def main(args: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("clip_fabric").setLevel(logging.INFO)
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings become --help text
     try:
+        check_config_files(sys.argv[1:] if args is None else args)  # an alias bomb: before the parser
         result = CLI(COMMANDS, args=args, as_positional=False)
     except (ValueError, RuntimeError, OSError) as err:
         # Configuration errors found after parsing (unknown model, unreadable source, ...) and a full

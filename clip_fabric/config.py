@@ -101,6 +101,10 @@ class DataArgs:
     max_image_pixels: int | None = 89_478_485
     """Images with more pixels are skipped as possible decompression bombs (PIL's default limit);
     null lifts the limit."""
+    max_image_bytes: int | None = 256 << 20
+    """The most bytes read for one image or its caption or ``.json`` (a local file, ``file://`` or an
+    ``http(s)://`` URL): a larger one is skipped and recorded, so that ``/dev/zero`` or an endless HTTP
+    body cannot fill a worker's memory. Default 256 MiB; null lifts the limit."""
 
     def __post_init__(self) -> None:
         if self.batch_size != "auto" and self.batch_size < 1:
@@ -111,6 +115,8 @@ class DataArgs:
             raise ValueError(f"--data.shard_size must be >= 1, got {self.shard_size}")
         if self.max_image_pixels is not None and self.max_image_pixels < 1:
             raise ValueError(f"--data.max_image_pixels must be >= 1 or null, got {self.max_image_pixels}")
+        if self.max_image_bytes is not None and self.max_image_bytes < 1:
+            raise ValueError(f"--data.max_image_bytes must be >= 1 or null, got {self.max_image_bytes}")
         if not 0.0 <= self.cpu_decode_share <= 1.0:
             raise ValueError(f"--data.cpu_decode_share must be within [0, 1], got {self.cpu_decode_share}")
         if self.num_samples < 0:

@@ -73,9 +73,19 @@ def load_model(args: ModelArgs) -> tuple[nn.Module, Callable, Callable]:
             "Pass --model.pretrained TAG_OR_PATH for real ones.",
             args.name,
         )
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        args.name, pretrained=args.pretrained, cache_dir=args.cache_dir
-    )
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            args.name, pretrained=args.pretrained, cache_dir=args.cache_dir
+        )
+    except Exception as err:
+        if args.pretrained is None or not Path(args.pretrained).is_file():
+            raise
+        # A cut file, or one that is not a state dict (whatever torch or open_clip raise for it): one line.
+        raise ValueError(
+            f"--model.pretrained {args.pretrained} cannot be loaded as {args.name} weights "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}): give an "
+            "open_clip checkpoint (a state dict, or a dict with 'state_dict') for this model"
+        ) from err
     model.eval().requires_grad_(False)
     patch_embedding_as_matmul(model)
     # An hf-hub: tokenizer is chosen by the repo's config, which sits in the cache the weights came from.

@@ -1,22 +1,83 @@
-"""Stopping cleanly when the scheduler says the job must go (SIGUSR1 or SIGTERM), and asking SLURM to
-requeue it so that the rerun resumes from the shards already done."""
+"""Stopping cleanly when the scheduler says the job must go (SIGUSR1 or SIGTERM) or the user presses Ctrl-C
+(SIGINT), and asking SLURM to requeue it so that the rerun resumes from the shards already done.
+
+A stop signal is caught from the command's start (``stops_end_cleanly``): in set-up it ends the command
+at once with exit 75; from a rank's start to its end (``StopRequest``) the rank finishes its open shards
+first. A second Ctrl-C does not wait for them."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
 import logging
+import multiprocessing
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SIGINT is what a terminal's Ctrl-C sends to the whole process group: it stops a run as SIGTERM does.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+EXIT_RESUME = 75  # as ``run_folder.EXIT_RESUME``: sysexits' EX_TEMPFAIL, rerun to resume
+Command = TypeVar("Command", bound=Callable)
+
+
+class StopSignal(BaseException):
+    """A stop signal where no shard is open (set-up), or a second Ctrl-C: the command ends now, exit 75.
+    A BaseException, as KeyboardInterrupt is, so that no ``except Exception`` of set-up swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise StopSignal(signum)
+
+
+def stops_end_cleanly(command: Command) -> Command:
+    """Run ``command`` (``__main__.main``) with the stop signals caught from its first line: one that
+    arrives in set-up (listing a large input, digesting the shard plan, checking the model) ends it with
+    one line, a SLURM requeue and exit 75, as a stop during the loop does, instead of the signal's
+    default action (death, or Ctrl-C's traceback)."""
+
+    @functools.wraps(command)
+    def run(*args: object, **kwargs: object) -> object:
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {sig: signal.signal(sig, _raise_stop) for sig in STOP_SIGNALS}
+        try:
+            return command(*args, **kwargs)
+        except StopSignal as stop:
+            name = signal.Signals(stop.signum).name
+            if _launcher_rank() == 0:
+                requeue_slurm_job()
+            print(
+                f"clip_fabric: stopped by {name} before the open shards were written: rerun the same "
+                f"command to resume (exit status {EXIT_RESUME})",
+                file=sys.stderr,
+            )
+            sys.exit(EXIT_RESUME)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    return run  # type: ignore[return-value]
+
+
+def _launcher_rank() -> int:
+    """This process's global rank as the launcher set it (SLURM, torchrun), before any process group."""
+    for name in ("SLURM_PROCID", "RANK"):
+        with suppress(KeyError, ValueError):
+            return int(os.environ[name])
+    return 0
 
 
 class StopRequest:
@@ -28,6 +89,7 @@ class StopRequest:
 
     def __init__(self, forward_to: Callable[[], list[int]] = list) -> None:
         self.signal: int | None = None
+        self._interrupts = 0
         self._previous: dict[int, object] = {}
         self._forward_to = forward_to
 
@@ -36,16 +98,30 @@ class StopRequest:
             self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if isinstance(exc, Exception):
+            dead = dead_workers()
+            if dead:  # the loader's own error is a reset connection or a pipe: name the worker instead
+                raise RuntimeError(
+                    f"{dead}: the out-of-memory killer sends SIGKILL (see dmesg; lower --data.num_workers "
+                    "or --data.batch_size); rerun the same command to resume"
+                ) from exc
 
     def _handle(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts > 1:
+                raise StopSignal(signum)  # a second Ctrl-C: the user will not wait for the open shards
         first, self.signal = self.signal is None, signum
         log.warning("received %s: finishing the open shards, then stopping", signal.Signals(signum).name)
+        # Ctrl-C reached the launched ranks too (a terminal signals the process group): they get SIGTERM,
+        # so that this copy is not taken as the user's second Ctrl-C.
+        forwarded = signal.SIGTERM if signum == signal.SIGINT else signum
         for pid in self._forward_to() if first else ():
             with suppress(ProcessLookupError):
-                os.kill(pid, signum)
+                os.kill(pid, forwarded)
 
     def __bool__(self) -> bool:
         return self.signal is not None
@@ -81,6 +157,19 @@ class JobStop:
         return self.raised
 
 
+def dead_workers() -> str | None:
+    """Which DataLoader workers of this process died of a signal or a failure, in words; None if none."""
+    children = getattr(multiprocessing.process, "_children", set())
+    dead = [(p.pid, p.exitcode) for p in list(children) if p.exitcode not in (None, 0)]
+    if not dead:
+        return None
+    told = [
+        f"pid {pid}, killed by {signal.Signals(-code).name}" if code < 0 else f"pid {pid}, exit status {code}"
+        for pid, code in dead
+    ]
+    return f"a data worker of this rank died ({'; '.join(told)})"
+
+
 def worker_shield() -> Callable[[int], None]:
     """The DataLoader ``worker_init_fn`` for workers of this process (see ``_shield_worker``)."""
     return functools.partial(_shield_worker, os.getpid())
@@ -105,7 +194,9 @@ def _shield_worker(owner_pid: int, worker_id: int) -> None:
 def _take_stop_signals(owner_pid: int) -> None:
     while True:
         info = signal.sigwaitinfo(STOP_SIGNALS)
-        if info.si_pid == owner_pid:
+        # SIGINT is never the rank's shutdown (that is SIGTERM): a Ctrl-C of the group, even one the
+        # rank itself sent with killpg, is left to the rank.
+        if info.si_pid == owner_pid and info.si_signo != signal.SIGINT:
             # The rank is shutting its workers down: nothing of a worker's is left to save. Status 0,
             # since torch's SIGCHLD handler in the rank reports any other as a second, misleading error
             # ("DataLoader worker ... is killed by signal") beside the one that made the rank exit.

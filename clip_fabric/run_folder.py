@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from contextlib import AbstractContextManager, suppress
 from dataclasses import asdict
 from pathlib import Path
@@ -101,9 +102,16 @@ def shard_plan(source: Source) -> list[dict]:
     plan = []
     for shard in source.shards():
         members = source.members(shard)
-        digest = hashlib.sha256("\n".join(members).encode("utf-8", "surrogateescape")).hexdigest()
-        plan.append({"shard": shard.index, "name": shard.name, "samples": len(members), "digest": digest})
+        entry = {"shard": shard.index, "name": shard.name, "samples": len(members)}
+        entry["digest"] = _digest(members)
+        if hasattr(source, "inputs"):  # the files each sample reads (a folder's images and sidecars)
+            entry["inputs"] = _digest(source.inputs(shard))
+        plan.append(entry)
     return plan
+
+
+def _digest(lines: list[str]) -> str:
+    return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 class RunFolder:
@@ -112,8 +120,12 @@ class RunFolder:
 
     def __init__(self, url: str | os.PathLike) -> None:
         self.url = str(url)
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        if "://" in self.url:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        else:  # a local path is a path: fsspec would read ``a::b`` as a chain of URLs
+            self.fs, self.root = LocalFileSystem(), os.path.abspath(self.url)
         self.local = isinstance(self.fs, LocalFileSystem)
+        self.stale: list[int] = []  # done shards whose input files changed since: redone (``check``)
 
     def path(self, relpath: str) -> str:
         return f"{self.root.rstrip('/')}/{relpath}"
@@ -131,7 +143,10 @@ class RunFolder:
         tmp = os.path.join(folder, f".{name}.tmp")
         try:
             os.makedirs(folder, exist_ok=True)
-            with open(tmp, "wb") as f:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)  # a link planted at the temporary name is removed, never written through
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            with open(os.open(tmp, flags, 0o644), "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -171,6 +186,7 @@ class RunFolder:
         """Refuse (one line) a rerun whose settings differ from the folder's run, or whose input moved
         samples in or out of a shard already done. Adds the current shard plan to ``run`` (``start``
         stores it). A change confined to shards not yet done is taken: they are embedded as listed now."""
+        self._refuse_foreign()
         run["plan"] = shard_plan(source)
         if overwrite:
             return
@@ -194,6 +210,21 @@ class RunFolder:
             )
         self._check_plan(run["plan"])
 
+    def _refuse_foreign(self) -> None:
+        """A folder that holds what a run writes (``metadata/``, ``summary.json``, ...) but no
+        ``run.json`` is not a run's: nothing in it may be replaced, or deleted by ``--output.overwrite``."""
+        try:
+            names = {os.path.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)}
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        ours = sorted(names & {*SHARD_DIRS, SUMMARY_FILE, PLAN_FILE})
+        if ours and RUN_FILE not in names:
+            raise ValueError(
+                f"--output.dir {self.url} holds {', '.join(ours)} but no {RUN_FILE}: it is not a clip_fabric "
+                "run folder, and a run would replace (or --output.overwrite delete) those files; choose "
+                "another --output.dir"
+            )
+
     def _check_plan(self, plan: list[dict]) -> None:
         stored = self.read_json(PLAN_FILE, "the shard plan of the first run")
         done = self.done_shards()
@@ -202,10 +233,11 @@ class RunFolder:
         if stored is None:
             log.warning("%s has no shard plan (an older run): the input is not checked against it", self.url)
             return
-        if not isinstance(stored, list) or not all(isinstance(s, dict) and "digest" in s for s in stored):
+        if not _is_plan(stored) or max(done) >= len(stored):
             raise ValueError(
-                f"{self.path(PLAN_FILE)} is damaged (not a shard plan): pass --output.overwrite true to "
-                "start again, or delete it if you are sure the inputs are those of the done shards"
+                f"{self.path(PLAN_FILE)} is damaged (not the shard plan of the done shards): pass "
+                "--output.overwrite true to start again, or delete it if you are sure the inputs are "
+                "those of the done shards"
             )
         if len(stored) != len(plan):
             raise ValueError(
@@ -224,6 +256,19 @@ class RunFolder:
             )
         if moved:
             log.warning("input changed in shards not done yet (%s): they are embedded as now listed", moved)
+        self.stale = [
+            s["shard"]
+            for s, now in zip(stored, plan, strict=True)
+            if s["shard"] in done and "inputs" in s and s["inputs"] != now.get("inputs", s["inputs"])
+        ]
+        if self.stale:
+            names = ", ".join(str(i) for i in self.stale[:10]) + (" ..." if len(self.stale) > 10 else "")
+            log.warning(
+                "%s: done shard(s) %s read input files (images, captions, .json) that changed since: "
+                "they are redone",
+                self.url,
+                names,
+            )
 
     def lock(self, take: bool = True) -> AbstractContextManager:
         """Hold the folder for this run (``take`` is False on every rank but 0): ``run_lock.hold``."""
@@ -235,6 +280,9 @@ class RunFolder:
             for name in (*SHARD_DIRS, SUMMARY_FILE, PLAN_FILE, RUN_FILE):
                 self.remove(name)
         self.fs.makedirs(self.root, exist_ok=True)
+        for index, path in self._marker_paths().items():
+            if index in self.stale:  # before the new plan: a stop from here on still redoes them
+                self.fs.rm(path)
         if self.local:
             for sub in EMBEDDING_DIRS.values():  # an empty tower folder (older runs) breaks clip-retrieval
                 with suppress(OSError):
@@ -247,26 +295,48 @@ class RunFolder:
 
     # -- progress and the end ----------------------------------------------------------------------
 
-    def done_shards(self) -> dict[int, dict]:
-        """Done records of the shards completed so far, by shard index. A damaged marker (cut, empty,
-        not a record) means its shard is redone: a warning names the file."""
-        done = {}
+    def _marker_paths(self) -> dict[int, str]:
+        """The done markers' paths by the shard index their names give (a listing, not a glob: the
+        folder's own name may hold glob characters)."""
         # Object-store filesystems (s3fs, gcsfs) cache listings per process, and only the writing process
         # drops its cache: another rank's markers would stay unseen.
         self.fs.invalidate_cache(self.path(DONE_DIR))
-        try:  # a listing, not a glob: the folder's own name may hold glob characters
-            paths = sorted(p for p in self.fs.ls(self.path(DONE_DIR), detail=False) if p.endswith(".json"))
+        try:
+            paths = self.fs.ls(self.path(DONE_DIR), detail=False)
         except FileNotFoundError:
-            return done
-        for path in paths:
-            if os.path.basename(path).startswith("."):
-                continue
+            return {}
+        names = {os.path.basename(p): p for p in paths}
+        return {int(n[:-5]): names[n] for n in sorted(names) if re.fullmatch(r"[0-9]+\.json", n)}
+
+    def _sizes(self) -> dict[str, int]:
+        """The size of each shard file, by its path in the folder (one listing per sub-folder)."""
+        sizes = {}
+        for sub in (*EMBEDDING_DIRS.values(), "metadata", "errors"):
+            self.fs.invalidate_cache(self.path(sub))
+            with suppress(FileNotFoundError, NotADirectoryError):
+                for entry in self.fs.ls(self.path(sub), detail=True):
+                    sizes[f"{sub}/{os.path.basename(entry['name'])}"] = entry.get("size")
+        return sizes
+
+    def done_shards(self) -> dict[int, dict]:
+        """Done records of the shards completed so far, by shard index. A damaged marker (cut, empty,
+        not a record, counts that are not counts), or one whose shard files are not the sizes it
+        records (cut or replaced behind it), means its shard is redone: a warning names the file."""
+        done, sizes = {}, None
+        for index, path in self._marker_paths().items():
             try:
                 record = json.loads(self.fs.cat_file(path))
-                index = int(record["shard"])
-                int(record["rows"]), int(record["errors"])
-            except (ValueError, TypeError, KeyError, UnicodeDecodeError) as err:
-                log.warning("%s is damaged (%s: %s): its shard is redone", path, type(err).__name__, err)
+                problem = _marker_problem(record, index)
+            except FileNotFoundError:  # removed since the listing (rank 0 redoing a stale shard)
+                continue
+            except (ValueError, UnicodeDecodeError) as err:
+                problem = f"{type(err).__name__}: {err}"
+            if problem is None and isinstance(record.get("files"), dict):
+                sizes = self._sizes() if sizes is None else sizes
+                wrong = sorted(f for f, size in record["files"].items() if sizes.get(f) != size)
+                problem = f"{', '.join(wrong)} not as written" if wrong else None
+            if problem is not None:
+                log.warning("%s is damaged (%s): its shard is redone", path, problem)
                 continue
             done[index] = record
         return done
@@ -275,6 +345,8 @@ class RunFolder:
         self, run: dict, num_shards: int, rows: int, errors: int, seconds: float, world_size: int
     ) -> dict:
         done = self.done_shards()
+        if len(done) == num_shards and pad_metadata(self, done):
+            done = self.done_shards()
         return {
             "rows": sum(r["rows"] for r in done.values()),
             "errors": sum(r["errors"] for r in done.values()),
@@ -293,6 +365,34 @@ class RunFolder:
 
     def write_summary(self, summary: dict) -> None:
         self.put(SUMMARY_FILE, json.dumps(summary, indent=2, default=str).encode())
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _marker_problem(record: object, index: int) -> str | None:
+    """What is wrong with a done marker's record, None if nothing."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not a record"
+    for key in ("shard", "rows", "errors", "filtered"):
+        if (key in record or key != "filtered") and not _is_count(record.get(key)):
+            return f"{key} is {record.get(key)!r}, not a count"
+    if record["shard"] != index:
+        return f"it names shard {record['shard']}"
+    files = record.get("files")
+    if files is not None and not (
+        isinstance(files, dict) and all(isinstance(k, str) and _is_count(v) for k, v in files.items())
+    ):
+        return "its files are not a record of sizes"
+    return None
+
+
+def _is_plan(stored: object) -> bool:
+    return isinstance(stored, list) and all(
+        isinstance(s, dict) and s.get("shard") == i and isinstance(s.get("digest"), str)
+        for i, s in enumerate(stored)
+    )
 
 
 def _differences(before: dict, now: dict, prefix: str = "") -> list[str]:
@@ -328,3 +428,40 @@ def exit_status(summary: dict) -> tuple[int, str | None]:
             f"every sample failed ({summary['errors']} recorded in errors/): nothing was embedded"
         )
     return 0, None
+
+
+def pad_metadata(folder: RunFolder, done: dict[int, dict]) -> bool:
+    """Give every metadata file of a finished run the same columns: a ``.json`` field absent from a
+    whole shard is added there as nulls, since readers that take a folder's schema from one file
+    (embedding-reader) cannot read the column otherwise. A padded file's done marker records its new
+    size (a crash between the two only makes that shard redone). True if any file was padded."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted(f for f in folder._sizes() if re.fullmatch(r"metadata/metadata_[0-9]+\.parquet", f))
+    schemas = {}
+    for relpath in files:
+        with folder.fs.open(folder.path(relpath), "rb") as f:
+            schemas[relpath] = pq.read_schema(f)
+    columns = {field.name: field.type for schema in schemas.values() for field in schema}
+    padded = False
+    for relpath, schema in schemas.items():
+        missing = [name for name in columns if name not in schema.names]
+        index = int(relpath[len("metadata/metadata_") : -len(".parquet")])
+        if not missing or index not in done:
+            continue
+        with folder.fs.open(folder.path(relpath), "rb") as f:
+            table = pq.read_table(f)
+        for name in missing:
+            table = table.append_column(name, pa.nulls(len(table), columns[name]))
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        data = buf.getvalue().to_pybytes()
+        folder.put(relpath, data)
+        record = done[index]
+        if isinstance(record.get("files"), dict):
+            record["files"][relpath] = len(data)
+            name = relpath[len("metadata/metadata_") : -len(".parquet")]
+            folder.put(f"{DONE_DIR}/{name}.json", json.dumps(record).encode())
+        padded = True
+    return padded

@@ -5,6 +5,7 @@ second run gets."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -14,7 +15,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from pathlib import Path
 
 import fsspec
 
@@ -44,7 +44,14 @@ def hold(
 def _flock(url: str, path: str) -> Callable[[], None] | None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: one planted at the lock's name would have its target overwritten
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            if err.errno != errno.ELOOP:
+                raise
+            log.warning("%s: %s is a symbolic link, not a lock: removed", url, path)
+            os.unlink(path)
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -118,7 +125,9 @@ def _read_holder(path: str, retries: int = 0) -> dict | None:
     """The holder a local lock file names; the winner of a race writes it just after its flock."""
     for attempt in range(retries + 1):
         try:
-            holder = json.loads(Path(path).read_bytes())
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with open(fd, "rb") as f:
+                holder = json.loads(f.read(1 << 16))
             if isinstance(holder, dict):
                 return holder
         except (OSError, ValueError):

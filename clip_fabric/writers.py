@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clip_fabric.data.meta import writable
 from clip_fabric.modes import Finished
 from clip_fabric.run_folder import DONE_DIR, EMBEDDING_DIRS, RunFolder
 
@@ -107,27 +108,31 @@ class ShardWriter:
 
     def _put_shard(self, shard: int, source: str, buffer: _ShardRows) -> None:
         name = shard_name(shard, self.num_shards)
+        files = {}  # each file's size, in the done marker: a file cut or replaced behind it is seen
         for tower, sub in EMBEDDING_DIRS.items():
             # A shard whose rows were all filtered (--threshold) has no metadata file: no embedding files
             # either, or readers that pair them (embedding-reader) trip on zero-row arrays.
             arrays = buffer.embeddings.get(tower) if buffer.rows else None
-            self._replace(f"{sub}/{sub}_{name}.npy", np.concatenate(arrays) if arrays else None)
-        self._replace(f"metadata/metadata_{name}.parquet", _table(buffer.rows))
-        self._replace(f"errors/errors_{name}.parquet", _table(buffer.errors))
+            files[f"{sub}/{sub}_{name}.npy"] = np.concatenate(arrays) if arrays else None
+        files[f"metadata/metadata_{name}.parquet"] = _table(buffer.rows)
+        files[f"errors/errors_{name}.parquet"] = _table(buffer.errors)
+        sizes = {relpath: self._replace(relpath, content) for relpath, content in files.items()}
         record = {
             "shard": shard,
             "source": source,
             "rows": len(buffer.rows),
             "errors": len(buffer.errors),
             "filtered": buffer.filtered,
+            "files": {relpath: size for relpath, size in sizes.items() if size is not None},
         }
         self._replace(f"{DONE_DIR}/{name}.json", record)
 
-    def _replace(self, relpath: str, content: np.ndarray | pa.Table | dict | None) -> None:
-        """Atomically put ``content`` at ``relpath``; ``None`` removes what an interrupted run left there."""
+    def _replace(self, relpath: str, content: np.ndarray | pa.Table | dict | None) -> int | None:
+        """Atomically put ``content`` at ``relpath`` and return its size; ``None`` removes what an
+        interrupted run left there."""
         if content is None:
             self.folder.remove(relpath)
-            return
+            return None
         buf = io.BytesIO()
         if isinstance(content, np.ndarray):
             np.save(buf, content)
@@ -136,6 +141,7 @@ class ShardWriter:
         else:
             buf.write(json.dumps(content).encode())
         self.folder.put(relpath, buf.getvalue())
+        return buf.tell()
 
 
 def _table(rows: list[dict]) -> pa.Table | None:
@@ -144,13 +150,16 @@ def _table(rows: list[dict]) -> pa.Table | None:
     if not rows:
         return None
     names = dict.fromkeys(name for row in rows for name in row)  # every row's columns (.json fields differ)
-    columns = {name: [row.get(name) for row in rows] for name in names}
-    return pa.table(
-        {
-            name: pa.array(values, _column_type(next((v for v in values if v is not None), None)))
-            for name, values in columns.items()
-        }
-    )
+    columns = {writable(name): [row.get(name) for row in rows] for name in names}
+    return pa.table({name: _array(values) for name, values in columns.items()})
+
+
+def _array(values: list) -> pa.Array:
+    kind = _column_type(next((v for v in values if v is not None), None))
+    try:
+        return pa.array(values, kind)
+    except UnicodeEncodeError:  # text the sources did not escape (a tar file's own name): escaped here
+        return pa.array([writable(v) if isinstance(v, str) else v for v in values], kind)
 
 
 def _column_type(value: object) -> pa.DataType:

@@ -59,8 +59,10 @@ def test_writer_puts_only_the_towers_given_and_each_done_marker_last(monkeypatch
         ]  # fmt: skip
         assert puts.index("_done/03.json") == max(i for i, p in enumerate(puts) if "_03" in p) + 1
         assert puts[-1] == "_done/07.json"
+        sizes = {f: len(files[f]) for f in ("img_emb/img_emb_03.npy", "metadata/metadata_03.parquet",
+                                             "errors/errors_03.parquet")}  # fmt: skip
         assert json.loads(files["_done/03.json"]) == {
-            "shard": 3, "source": "src", "rows": 3, "errors": 1, "filtered": 0,
+            "shard": 3, "source": "src", "rows": 3, "errors": 1, "filtered": 0, "files": sizes,
         }  # fmt: skip
         assert RunFolder(url).done_shards().keys() == {3, 7}
         np.testing.assert_array_equal(np.load(fsspec.open(f"{url}/img_emb/img_emb_03.npy").open()), emb)

@@ -6,12 +6,35 @@ A new input format is one new module with a ``Source`` class registered in ``SOU
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from clip_fabric.config import DataArgs
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+BASE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+# Raster formats Pillow decodes, listed where this Pillow opens them (AVIF since Pillow 11.2; HEIC/HEIF
+# and JPEG XL where their plugin, pillow-heif or pillow-jxl-plugin, is installed). A tar sample's image
+# member is the first of these present, in this order.
+MORE_EXTENSIONS = ("jfif", "jpe", "apng", "avif", "heic", "heif", "jxl", "jp2", "j2k", "qoi", "tga", "ppm",
+                   "pgm", "pbm", "pnm", "ico")  # fmt: skip
+
+
+def _image_extensions() -> tuple[str, ...]:
+    from PIL import Image
+
+    with suppress(ImportError):  # the HEIF plugin registers itself only when asked
+        from pillow_heif import register_heif_opener
+
+        register_heif_opener()
+    with suppress(ImportError):
+        import pillow_jxl  # noqa: F401 - registers JPEG XL on import
+    Image.init()
+    readable = {ext.lstrip(".") for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    return BASE_EXTENSIONS + tuple(ext for ext in MORE_EXTENSIONS if ext in readable)
+
+
+IMAGE_EXTENSIONS = _image_extensions()
 
 
 @dataclass(frozen=True)
@@ -33,6 +56,7 @@ class RawSample:
     caption: str | None = None
     meta: dict[str, str | None] = field(default_factory=dict)  # more metadata columns (image_path, .json)
     error: str | None = None
+    caption_error: str | None = None  # why ``caption`` is None where a caption was there but unreadable
 
 
 class Source(Protocol):

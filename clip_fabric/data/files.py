@@ -1,8 +1,9 @@
 """A list of images (and/or captions) in a CSV, TSV, parquet or plain-text file.
 
-Paths are read from disk, a relative one against the folder of the list (not the working directory);
-anything with a scheme (``http://``, ``s3://``, ...) is read through fsspec. A listed name is never run
-as a command: ``pipe:...`` in a list is a file name.
+Paths are read from disk, a relative one against the folder of the list (not the working directory), and
+so is a ``file://`` URL (with the same checks: a FIFO or device is refused, not read); anything with
+another scheme (``http://``, ``s3://``, ...) is read through fsspec. Every read stops at
+``--data.max_image_bytes``. A listed name is never run as a command: ``pipe:...`` in a list is a file name.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import fsspec
 import pyarrow as pa
@@ -18,20 +20,38 @@ import pyarrow.parquet as pq
 
 from clip_fabric.config import DataArgs
 from clip_fabric.data import RawSample, Shard, chunk
-from clip_fabric.data.folder import read_local
+from clip_fabric.data.folder import over_limit, read_local
 
 IMAGE_COLUMNS = ("image_path", "path", "filepath", "url", "image")
 CAPTION_COLUMNS = ("caption", "text", "title")
 URL_TIMEOUT_S = 30
 
 
-def read_url(url: str) -> tuple[bytes | None, str | None]:
+def read_url(url: str, limit: int | None = None) -> tuple[bytes | None, str | None]:
+    """The bytes at ``url``, at most ``limit`` of them (an endless body is cut there, not held whole),
+    or the reason they cannot be had."""
     try:
         with fsspec.open(url, "rb", timeout=URL_TIMEOUT_S) as f:
-            data = f.read()
+            size = getattr(f, "size", None)
+            if limit is not None and isinstance(size, int) and size > limit:
+                return None, f"unreadable url {url}: {over_limit(limit, size)}"
+            data = f.read() if limit is None else _read_at_most(f, limit + 1)
     except Exception as err:  # noqa: BLE001 - any failure of a remote read is a per-sample error
         return None, f"unreadable url {url}: {type(err).__name__}: {err}"
+    if limit is not None and len(data) > limit:
+        return None, f"unreadable url {url}: {over_limit(limit)}"
     return (data, None) if data else (None, "empty file")
+
+
+def _read_at_most(f: BinaryIO, count: int) -> bytes:
+    """Up to ``count`` bytes of ``f``: a stream's read may return fewer than asked before its end."""
+    data = bytearray()
+    while len(data) < count:
+        block = f.read(count - len(data))
+        if not block:
+            break
+        data += block
+    return bytes(data)
 
 
 class FileListSource:
@@ -46,9 +66,11 @@ class FileListSource:
         image_column: str | None = None,
         caption_column: str | None = None,
         text_only: bool = False,
+        max_bytes: int | None = None,
     ) -> None:
         self.path = Path(path)
         self.shard_size = shard_size
+        self.max_bytes = max_bytes
         columns = _read_table(self.path, "caption" if text_only else "image_path")
         images = _pick(columns, image_column, IMAGE_COLUMNS, "--data.image_column")
         captions = _pick(columns, caption_column, CAPTION_COLUMNS, "--data.caption_column")
@@ -76,7 +98,10 @@ class FileListSource:
 
     @classmethod
     def from_args(cls, args: DataArgs, text_only: bool) -> FileListSource:
-        return cls(args.source, args.shard_size, args.image_column, args.caption_column, text_only)
+        return cls(
+            args.source, args.shard_size, args.image_column, args.caption_column, text_only,
+            args.max_image_bytes,
+        )  # fmt: skip
 
     def shards(self) -> list[Shard]:
         return chunk(self.count, self.shard_size, str(self.path))
@@ -84,22 +109,34 @@ class FileListSource:
     def samples(self, shard: Shard) -> Iterator[RawSample]:
         width = max(len(str(self.count - 1)), 9)
         for row in range(shard.start, shard.stop):
-            caption = self.captions[row] if self.captions is not None else None
-            sample = RawSample(f"{row:0{width}d}", caption=caption)
-            if self.images is not None:
-                location = self.images[row]
-                sample.meta["image_path"] = location or ""
-                if row in self.bad:
-                    sample.error = self.bad[row]
-                elif not location:
-                    sample.error = "empty image path"
-                elif "://" in location:
-                    sample.image, sample.error = read_url(location)
-                else:
-                    sample.image, sample.error = read_local(self.resolve(location))
-            elif row in self.bad:
+            try:
+                yield self._sample(row, width)
+            except Exception as err:  # noqa: BLE001 - whatever one row raises is that row's error
+                yield RawSample(
+                    f"{row:0{width}d}", error=f"row {row} unreadable: {type(err).__name__}: {err}"
+                )
+
+    def _sample(self, row: int, width: int) -> RawSample:
+        caption = self.captions[row] if self.captions is not None else None
+        sample = RawSample(f"{row:0{width}d}", caption=caption)
+        if self.images is not None:
+            location = self.images[row]
+            sample.meta["image_path"] = location or ""
+            if row in self.bad:
                 sample.error = self.bad[row]
-            yield sample
+            elif not location:
+                sample.error = "empty image path"
+            elif location.startswith("file://"):  # a local file, with a local file's checks
+                sample.image, sample.error = read_local(
+                    self.resolve(location[len("file://") :]), self.max_bytes
+                )
+            elif "://" in location:
+                sample.image, sample.error = read_url(location, self.max_bytes)
+            else:
+                sample.image, sample.error = read_local(self.resolve(location), self.max_bytes)
+        elif row in self.bad:
+            sample.error = self.bad[row]
+        return sample
 
     def resolve(self, location: str) -> Path:
         """Where a listed path is read: an absolute one as it is, a relative one against the folder

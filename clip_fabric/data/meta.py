@@ -18,7 +18,10 @@ OWN_COLUMNS = frozenset(
 
 def json_fields(data: bytes) -> dict[str, str | None]:
     """The flattened fields of a ``.json`` object; raises ``ValueError`` on anything else."""
-    value = json.loads(data.decode("utf-8"))  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    try:
+        value = json.loads(data.decode("utf-8"))  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except RecursionError:
+        raise ValueError("nested too deeply to read") from None
     if not isinstance(value, dict):
         raise ValueError(f"a JSON {type(value).__name__}, not an object")
     fields: dict[str, str | None] = {}
@@ -28,12 +31,31 @@ def json_fields(data: bytes) -> dict[str, str | None]:
 
 def _flatten(value: dict, prefix: str, into: dict[str, str | None]) -> None:
     for name, item in value.items():
+        key = writable(prefix + name)
         if isinstance(item, dict) and item:
-            _flatten(item, f"{prefix}{name}.", into)
-        elif item is None or isinstance(item, str):
-            into[prefix + name] = item
+            _flatten(item, f"{key}.", into)
+            continue
+        if key in into:  # {"a.b": 1, "a": {"b": 2}}: keeping one of them silently would lose the other
+            raise ValueError(f"field {key!r} is given twice (as a dotted name and nested)")
+        if item is None or isinstance(item, str):
+            into[key] = item if item is None else writable(item)
         else:
-            into[prefix + name] = json.dumps(item, ensure_ascii=False)
+            into[key] = writable(json.dumps(item, ensure_ascii=False))
+
+
+def writable(value: str) -> str:
+    """``value`` as text every writer takes: a name read from the disk or a tar that is not UTF-8
+    (``caf\\xe9.jpg``, held by Python as a surrogate escape) or a lone surrogate from a ``.json``
+    (``"\\ud800"``) is escaped with backslashes, visibly, instead of failing the shard's write."""
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        pass
+    try:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def text(data: bytes, what: str) -> str:

@@ -80,7 +80,7 @@ class ShardStream(IterableDataset):
         if raw.error is not None:
             return None, raw.error
         if self.need_caption and not (raw.caption and raw.caption.strip()):
-            return None, "no caption"
+            return None, raw.caption_error or "no caption"
         if not self.need_image:
             return None, None
         try:

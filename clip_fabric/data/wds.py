@@ -9,6 +9,8 @@ found by listing a folder are always opened as files, whatever their names.
 
 from __future__ import annotations
 
+import re
+import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +23,7 @@ from webdataset.gopen import gopen
 from clip_fabric.config import DataArgs
 from clip_fabric.data import IMAGE_EXTENSIONS, RawSample, Shard
 from clip_fabric.data.folder import open_regular
-from clip_fabric.data.meta import json_fields, text
+from clip_fabric.data.meta import json_fields, text, writable
 
 CAPTION_FIELDS = ("txt", "caption", "text")
 # Magic numbers of the compressions tarfile's stream mode undoes (gzip, bzip2, xz): a compressed tar
@@ -50,8 +52,10 @@ class WebDatasetSource:
         caption_key: str | None = None,
         json_metadata: bool = True,
         listed: bool = False,
+        max_bytes: int | None = None,
     ) -> None:
         self.urls = urls
+        self.max_bytes = max_bytes  # a member over it is not read (its header gives its size)
         self.text_only = text_only
         self.image_keys = (image_key,) if image_key else IMAGE_EXTENSIONS
         self.caption_keys = (caption_key,) if caption_key else CAPTION_FIELDS
@@ -65,7 +69,15 @@ class WebDatasetSource:
         missing = [u for u in urls if _is_file_name(u, listed) and not Path(u).is_file()]
         if len(missing) == len(urls):
             raise ValueError(f"--data.source {args.source!r}: none of its {len(urls)} tar files exists")
-        return cls(urls, text_only, args.image_key, args.caption_key, args.json_metadata, listed)
+        return cls(
+            urls,
+            text_only,
+            args.image_key,
+            args.caption_key,
+            args.json_metadata,
+            listed,
+            args.max_image_bytes,
+        )
 
     def shards(self) -> list[Shard]:
         return [Shard(i, url) for i, url in enumerate(self.urls)]
@@ -76,33 +88,34 @@ class WebDatasetSource:
         count, current = 0, None
         try:
             with self._open(shard.name) as stream:
-                files = tariterators.tar_file_expander([{"url": shard.name, "stream": stream}])
-                for file in files:
+                for file in _members(stream, self.max_bytes):
                     key, ext = tariterators.base_plus_ext(file.get("fname", ""))
                     if key is None:
                         continue
                     if current is not None and current["__key__"] != key:
                         count += 1
-                        yield self._raw(current)
+                        yield self._safe_raw(current)
                         current = None
                     current = current or {"__key__": key}
                     ext = ext.lower()
                     if ext in current:  # tar keeps both; which one is the sample's cannot be told
                         current.setdefault("__duplicates__", []).append(f"{key}.{ext}")
-                    current[ext] = file["data"]
+                    if file["data"] is None:
+                        current.setdefault("__too_big__", []).append(f"{key}.{ext} ({file['size']:,} bytes)")
+                    current[ext] = file["data"] or b""
             if _is_file_name(shard.name, self.listed):
                 _check_tar_size(Path(shard.name))
         except Exception as err:  # noqa: BLE001 - a broken tar keeps the samples read before the break
             if current is not None:
                 count += 1
-                yield self._raw(current)
+                yield self._safe_raw(current)
                 current = None
             yield RawSample(
-                f"{Path(shard.name).name}#{count}",
-                error=f"tar shard unreadable after {count} samples: {type(err).__name__}: {err}",
+                writable(f"{Path(shard.name).name}#{count}"),
+                error=writable(f"tar shard unreadable after {count} samples: {type(err).__name__}: {err}"),
             )
         if current is not None:
-            yield self._raw(current)
+            yield self._safe_raw(current)
 
     @contextmanager
     def _open(self, url: str) -> Iterator[BinaryIO]:
@@ -118,21 +131,39 @@ class WebDatasetSource:
         finally:
             stream.close()
 
+    def _safe_raw(self, sample: dict) -> RawSample:
+        """``_raw``, where anything it raises is that sample's error, not the tar's."""
+        try:
+            return self._raw(sample)
+        except Exception as err:  # noqa: BLE001 - one sample's bytes must not lose the rest of the tar
+            key = writable(sample["__key__"])
+            return RawSample(key, error=f"unreadable sample: {type(err).__name__}: {writable(str(err))}")
+
     def _raw(self, sample: dict) -> RawSample:
-        raw = RawSample(sample["__key__"], meta={"image_path": sample["__key__"]})
+        key = writable(sample["__key__"])  # a member name that is not UTF-8, escaped
+        raw = RawSample(key, meta={"image_path": key})
         try:
             raw.meta |= self._fields(sample)
-            field = next((f for f in self.caption_keys if f in sample), None)
-            raw.caption = text(sample[field], f"caption {raw.key}.{field}") if field else None
         except ValueError as err:
-            raw.error = str(err)
+            raw.error = writable(str(err))
+            return raw
+        field = next((f for f in self.caption_keys if f in sample), None)
+        try:
+            raw.caption = text(sample[field], f"caption {raw.key}.{field}") if field else None
+        except ValueError as err:  # an error only where the caption is needed (``text``, ``both``, ...)
+            raw.caption_error = str(err)
+        if "__too_big__" in sample:
+            raw.error = writable(
+                f"tar member {', '.join(sample['__too_big__'])} is over --data.max_image_bytes "
+                f"{self.max_bytes:,}: not read (raise it, or null for no limit)"
+            )
             return raw
         if "__duplicates__" in sample:
-            raw.error = f"the tar holds {', '.join(sample['__duplicates__'])} more than once"
+            raw.error = writable(f"the tar holds {', '.join(sample['__duplicates__'])} more than once")
             return raw
         if self.text_only:
             if raw.caption is None:
-                raw.error = f"no caption field ({'/'.join(self.caption_keys)}) in sample"
+                raw.error = raw.caption_error or f"no caption field ({'/'.join(self.caption_keys)}) in sample"
             return raw
         ext = next((e for e in self.image_keys if e in sample), None)
         if ext is None:
@@ -150,9 +181,10 @@ class WebDatasetSource:
             try:
                 fields = json_fields(sample["json"])
             except ValueError as err:
-                raise ValueError(f"metadata {sample['__key__']}.json unreadable: {err}") from None
-        if "cls" in sample:  # the class index of a labelled sample, for zero-shot evaluation
-            fields["label"] = text(sample["cls"], f"label {sample['__key__']}.cls")
+                raise ValueError(f"metadata {writable(sample['__key__'])}.json unreadable: {err}") from None
+        if "cls" in sample:  # the class index of a labelled sample, for zero-shot evaluation; bytes that
+            # are not UTF-8 are escaped (``evaluate`` names the bad label; ``image`` mode does not need it)
+            fields["label"] = writable(sample["cls"].decode("utf-8", "surrogateescape").strip())
         return fields
 
     def members(self, shard: Shard) -> list[str]:
@@ -164,6 +196,24 @@ class WebDatasetSource:
         except OSError:
             return [shard.name, "missing"]
         return [shard.name, str(stat.st_size), str(stat.st_mtime_ns)]
+
+
+def _members(stream: BinaryIO, limit: int | None) -> Iterator[dict]:
+    """The tar's regular files as webdataset's ``tar_file_iterator`` yields them (``fname``, ``data``;
+    its ``__meta__`` members skipped), except that a member over ``limit`` bytes is not read: its
+    ``data`` is None and ``size`` says how large its header claims it is."""
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            name = info.name
+            if not info.isreg() or re.match(r"__[^/]*__($|/)", name):
+                continue
+            if "/" not in name and name.startswith("__") and name.endswith("__"):
+                continue
+            if limit is not None and info.size > limit:
+                yield {"fname": name, "data": None, "size": info.size}
+            else:
+                yield {"fname": name, "data": tar.extractfile(info).read()}
+            tar.members = []  # a stream's members are not kept: memory stays flat over a long tar
 
 
 def _is_file_name(url: str, listed: bool) -> bool:
