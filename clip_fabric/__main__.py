@@ -12,7 +12,7 @@ import sys
 
 from jsonargparse import CLI, set_parsing_settings
 
-from clip_fabric import benchmark, cli, doctor, evaluate, predict, verify_precision
+from clip_fabric import benchmark, doctor, evaluate, predict, verify_precision
 from clip_fabric.run_folder import exit_status
 
 COMMANDS = {
@@ -29,6 +29,8 @@ def main(args: list[str] | None = None) -> None:
     logging.getLogger("clip_fabric").setLevel(logging.INFO)
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings become --help text
     try:
+        from clip_fabric import cli  # torch-free
+
         parser = {"parser_class": cli.OneLineErrorParser, "prog": cli.prog()}  # errors: one line
         result = CLI(COMMANDS, args=args, as_positional=False, **parser)
     except (ValueError, RuntimeError, OSError) as err:
