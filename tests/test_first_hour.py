@@ -4,8 +4,20 @@ input format, and suggestions for clip-retrieval habits."""
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
 import pytest
-from conftest import cli_in_process, run_cli
+from conftest import cli_in_process, jpeg_bytes, run_cli
+
+from clip_fabric.config import DataArgs, ModelArgs, OutputArgs, ZeroShotArgs
+from clip_fabric.predict import setup
+from clip_fabric.progress import Progress, process_seconds
+from clip_fabric.reasons import count_reasons, describe
 
 
 @pytest.mark.parametrize(
@@ -54,3 +66,134 @@ def test_usage_names_the_command_a_user_types(tmp_path):
         "clip_fabric: error: unrecognized option --data.batchsize 8: did you mean --data.batch_size? "
         "(see python -m clip_fabric predict --help)"
     ]
+
+
+def _folder_without_captions(root: Path, count: int = 3) -> Path:
+    root.mkdir()
+    for i in range(count):
+        (root / f"im{i}.jpg").write_bytes(jpeg_bytes(i, (40, 30)))
+    return root
+
+
+def test_exit_3_and_the_final_line_name_the_reasons(capsys, tmp_path, tiny_config):
+    source = _folder_without_captions(tmp_path / "images")
+    result = cli_in_process(
+        capsys, "predict", "--model.config", str(tiny_config), "--data.format", "folder",
+        "--data.source", str(source), "--data.num_workers", "0", "--mode", "text",
+        "--output.dir", str(tmp_path / "out"), "--accelerator", "cpu",
+    )  # fmt: skip
+    assert result.returncode == 3
+    assert "0 rows, 3 skipped samples (errors/: 3x no caption file im0.txt)" in result.stdout
+    assert "every sample failed (3 recorded in errors/: 3x no caption file im0.txt)" in result.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["error_reasons"] == [["no caption file im0.txt", 3]]
+
+
+def test_reasons_alike_but_for_names_and_numbers_count_together():
+    reasons = ["no caption file a1.txt", "empty file", "no caption file b22.txt", "image too large (99 px)"]
+    counted = count_reasons(reasons)
+    assert counted == [["no caption file a1.txt", 2], ["empty file", 1], ["image too large (99 px)", 1]]
+    assert describe(counted, shown=2) == "2x no caption file a1.txt; 1x empty file; 1 other"
+    assert describe([]) == ""
+
+
+def test_files_mode_paths_are_absolute_and_in_the_errors(tmp_path, tiny_config):
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "good.jpg").write_bytes(jpeg_bytes(0, (40, 30)))
+    (tmp_path / "lists" / "broken.jpg").write_bytes(b"not an image")
+    listing = tmp_path / "lists" / "list.csv"
+    pd.DataFrame({"image_path": ["good.jpg", "broken.jpg"], "caption": ["", "x"]}).to_csv(
+        listing, index=False
+    )
+    data = DataArgs(format="files", source=str(listing), num_workers=0)
+    out = tmp_path / "out"
+    setup(model=ModelArgs(config=str(tiny_config)), data=data, output=OutputArgs(dir=str(out)),
+          accelerator="cpu")  # fmt: skip
+    meta = pq.read_table(out / "metadata" / "metadata_0.parquet").to_pylist()
+    assert meta == [{"key": "000000000", "image_path": str(tmp_path / "lists" / "good.jpg"), "caption": None}]
+    errors = pq.read_table(out / "errors" / "errors_0.parquet").to_pylist()
+    assert errors[0]["key"] == "000000001" and errors[0]["image_path"] == str(
+        tmp_path / "lists" / "broken.jpg"
+    )
+
+
+@pytest.mark.parametrize("kind", ["files-text", "folder-image", "webdataset-both"])
+def test_the_readme_snippet_reads_every_output(tmp_path, tiny_config, image_folder, wds_shards, kind):
+    from embedding_reader import EmbeddingReader
+
+    if kind == "files-text":
+        listing = tmp_path / "captions.txt"
+        listing.write_text("a cat\na dog\n")
+        data, mode, tower = DataArgs(format="files", source=str(listing), num_workers=0), "text", "text_emb"
+    elif kind == "folder-image":
+        data, mode, tower = (
+            DataArgs(format="folder", source=str(image_folder), num_workers=0),
+            "image",
+            "img_emb",
+        )
+    else:
+        source = str(wds_shards[0])
+        data, mode, tower = DataArgs(format="webdataset", source=source, num_workers=0), "both", "img_emb"
+    out = tmp_path / "out"
+    setup(model=ModelArgs(config=str(tiny_config)), data=data, output=OutputArgs(dir=str(out)), mode=mode,
+          accelerator="cpu")  # fmt: skip
+    reader = EmbeddingReader(
+        str(out / tower), file_format="parquet_npy", metadata_folder=str(out / "metadata"),
+        meta_columns=["image_path", "caption"],
+    )  # fmt: skip
+    _, meta = next(iter(reader(batch_size=100, start=0, end=reader.count)))
+    assert {"image_path", "caption"} <= set(meta.columns) and len(meta) == reader.count > 0
+
+
+def test_a_blank_caption_is_null_in_every_format():
+    from clip_fabric.modes import MODES
+
+    rows = [{"key": "a", "caption": ""}, {"key": "b", "caption": "  "}, {"key": "c", "caption": "x"}]
+    finished = MODES["image"].finish(rows, {"image": np.zeros((3, 2), np.float32)})
+    assert [r["caption"] for r in finished.rows] == [None, None, "x"]
+    assert all(r["image_path"] is None for r in finished.rows)
+
+
+def test_the_model_load_and_the_classifier_build_are_announced_and_out_of_the_rate(
+    capsys, tmp_path, tiny_config, image_folder, monkeypatch
+):
+    from clip_fabric import predict
+
+    build = predict.sharded_classifier
+
+    def slow_build(*args, **kwargs):
+        time.sleep(2.0)  # a CPU classifier of 1000 classes x 80 prompts takes a minute
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(predict, "sharded_classifier", slow_build)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\n")
+    summary = setup(
+        model=ModelArgs(config=str(tiny_config)),
+        data=DataArgs(format="folder", source=str(image_folder), num_workers=0),
+        output=OutputArgs(dir=str(tmp_path / "out")),
+        mode="zeroshot",
+        accelerator="cpu",
+        zeroshot=ZeroShotArgs(class_names=str(classes), templates="simple", top_k=1),
+    )
+    out = capsys.readouterr().out
+    assert "clip_fabric: loading model tiny-clip ..." in out
+    assert "clip_fabric: building the zero-shot classifier (2 classes x 7 prompts) ..." in out
+    this = summary["this_run"]
+    assert this["setup_s"] >= 2.0
+    assert this["samples_per_s"] > this["rows"] / (this["seconds"] - 2.0)  # the build is not in the rate
+    assert f"this run 11 rows in {this['seconds']:.1f} s wall" in out
+
+
+def test_the_wall_time_counts_from_the_process_start():
+    assert process_seconds(time.perf_counter()) > 1.0  # this test process has run for longer (imports)
+
+
+def test_tar_input_shows_shards_done_of_total():
+    progress = Progress(0, None, "samples", True, shards=3)
+    with progress:
+        progress.add(4, 0, 0, 0.01, last=True)
+        progress.add(4, 1, 0, 0.01, last=False)
+        progress.add(2, 0, 0, 0.01, last=True)
+    assert progress.shards_done == 2
+    assert progress._bar.postfix.startswith("shards 2/3, ETA ")

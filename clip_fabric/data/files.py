@@ -88,7 +88,10 @@ class FileListSource:
             sample = RawSample(f"{row:0{width}d}", caption=caption)
             if self.images is not None:
                 location = self.images[row]
-                sample.meta["image_path"] = location or ""
+                # As a folder's: absolute, so the metadata still finds the image from anywhere.
+                sample.meta["image_path"] = (
+                    location if not location or "://" in location else str(self.resolve(location))
+                )
                 if row in self.bad:
                     sample.error = self.bad[row]
                 elif not location:
