@@ -3,6 +3,7 @@ L2-normalised embeddings."""
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import socket
@@ -40,9 +41,11 @@ def check_model(args: ModelArgs) -> None:
         _check_hf_hub_model(args)
         return
     if args.name not in open_clip.list_models():
+        guess = nearest_model(args.name, open_clip.list_models())
         raise ValueError(
-            f"unknown open_clip model {args.name!r}: pick one of open_clip.list_models() "
-            "or give --model.config path/to/config.json"
+            f"unknown open_clip model {args.name!r}: "
+            + (f"did you mean --model.name {guess}? Else pick" if guess else "pick")
+            + " one of open_clip.list_models() or give --model.config path/to/config.json"
         )
     if args.pretrained is None or Path(args.pretrained).is_file():
         return
@@ -59,6 +62,17 @@ def check_model(args: ModelArgs) -> None:
             "reached: download them once where there is network (open_clip.create_model"
             f"('{args.name}', pretrained='{args.pretrained}')) or pass --model.pretrained /path/to/weights"
         )
+
+
+def nearest_model(name: str, known: list[str]) -> str | None:
+    """The open_clip name a mistyped or OpenAI-style one means: ``ViT-B/32`` (OpenAI's and
+    clip-retrieval's spelling) is ``ViT-B-32``; otherwise the closest name, case aside."""
+    dashed = name.replace("/", "-")
+    by_lower = {k.lower(): k for k in known}
+    if dashed.lower() in by_lower:
+        return by_lower[dashed.lower()]
+    close = difflib.get_close_matches(dashed.lower(), list(by_lower), n=1, cutoff=0.75)
+    return by_lower[close[0]] if close else None
 
 
 def load_model(args: ModelArgs) -> tuple[nn.Module, Callable, Callable]:

@@ -197,3 +197,37 @@ def test_tar_input_shows_shards_done_of_total():
         progress.add(2, 0, 0, 0.01, last=True)
     assert progress.shards_done == 2
     assert progress._bar.postfix.startswith("shards 2/3, ETA ")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--model.name", "ViT-B/32"], "did you mean --model.name ViT-B-32?"),
+        (["--model.name", "ViT-L/14@336px"], "did you mean --model.name ViT-L-14-336?"),
+        (["--model.name", "vit-b-16"], "did you mean --model.name ViT-B-16?"),
+        (["--model.name", "NotAModel-99"], "unknown open_clip model 'NotAModel-99': pick one of"),
+    ],
+)
+def test_a_model_name_gets_the_nearest_open_clip_name(capsys, tmp_path, args, expected):
+    result = cli_in_process(capsys, "predict", "--output.dir", str(tmp_path / "out"), *args)
+    assert result.returncode == 1 and expected in result.stderr, result.stderr
+
+
+def test_files_format_on_a_folder_suggests_folder(capsys, tmp_path, image_folder):
+    result = cli_in_process(
+        capsys, "predict", "--data.format", "files", "--data.source", str(image_folder),
+        "--output.dir", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "is a folder: use --data.format folder" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_an_output_dir_that_is_a_file_is_named(capsys, tmp_path, inside):
+    afile = tmp_path / "results.parquet"
+    afile.write_bytes(b"x")
+    target = afile / "run" if inside else afile
+    result = cli_in_process(capsys, "predict", "--output.dir", str(target))
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and "File exists" not in last
+    assert last.startswith(f"clip_fabric: error: --output.dir '{target}' is ") and "not a folder" in last
