@@ -87,14 +87,24 @@ def load_model(args: ModelArgs) -> tuple[nn.Module, Callable, Callable]:
             "Pass --model.pretrained TAG_OR_PATH for real ones.",
             args.name,
         )
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        args.name, pretrained=args.pretrained, cache_dir=args.cache_dir
-    )
+    root = logging.getLogger()
+    root.addFilter(_open_clip_random_weights)  # the warning above says it once, with what to do
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            args.name, pretrained=args.pretrained, cache_dir=args.cache_dir
+        )
+    finally:
+        root.removeFilter(_open_clip_random_weights)
     model.eval().requires_grad_(False)
     patch_embedding_as_matmul(model)
     # An hf-hub: tokenizer is chosen by the repo's config, which sits in the cache the weights came from.
     hub = args.name.startswith(HF_HUB_PREFIX)
     return model, preprocess, open_clip.get_tokenizer(args.name, cache_dir=args.cache_dir if hub else None)
+
+
+def _open_clip_random_weights(record: logging.LogRecord) -> bool:
+    """Drop open_clip's own "No pretrained weights loaded" line: ``load_model`` warns once itself."""
+    return not str(record.msg).startswith("No pretrained weights loaded")
 
 
 class MatmulPatchEmbedding(nn.Module):

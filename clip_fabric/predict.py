@@ -25,7 +25,7 @@ from clip_fabric.precision import resolve_precision
 from clip_fabric.preemption import JobStop, StopRequest, requeue_slurm_job
 from clip_fabric.progress import Progress, final_line, phase, process_seconds
 from clip_fabric.reasons import folder_reasons
-from clip_fabric.run_folder import RunFolder, fingerprint
+from clip_fabric.run_folder import SUMMARY_FILE, RunFolder, fingerprint
 from clip_fabric.strategies import hooks, strategy_class
 from clip_fabric.topology import TowerLayout
 from clip_fabric.writers import ShardWriter
@@ -100,6 +100,8 @@ def setup(
         raise ValueError("--data.decode gpu needs --accelerator cuda (or auto on a GPU machine); use cpu")
     check_model(model)
     source = build_source(data, text_only=not job_mode.reads_images)
+    if not source.shards():  # said before the model loads, and no folder, lock or state file is left
+        return {"rows": 0, "errors": 0, "filtered": 0, "shards_done": 0, "shards_total": 0, "this_run": None}
     run = {
         "fingerprint": fingerprint(
             model, data, output, mode, resolve_precision(precision, accelerator), hf_hub_revision(model)
@@ -246,7 +248,7 @@ def _finish(
     unmeasured = rate is None and progress.rows > 0  # ranks that wrote nothing (text, idle) do not vote
     # float64 holds row counts exactly; the steady rates of the ranks add up to the job's.
     local = torch.tensor(
-        [progress.rows, progress.errors, rate or 0.0, unmeasured, float(stopped)],
+        [progress.rows, progress.errors, rate or 0.0, unmeasured, float(stopped), len(progress.latencies)],
         dtype=torch.float64,
         device=fabric.device,
     )
@@ -254,13 +256,8 @@ def _finish(
     rows = int(counts[0])
     # The job took as long as its slowest rank (rank 0 may have had nothing left to do on a resume): its
     # wall time from the process's start, and its embedding loop's, which gives the rate.
-    seconds, loop = (
-        fabric.all_reduce(
-            torch.tensor([wall, loop], dtype=torch.float64, device=fabric.device), reduce_op="max"
-        )
-        .cpu()
-        .tolist()
-    )
+    times = torch.tensor([wall, loop], dtype=torch.float64, device=fabric.device)
+    seconds, loop = fabric.all_reduce(times, reduce_op="max").cpu().tolist()
     fabric.barrier()
     # Rank 0 reads the done markers (one listing, not one per rank: on a store each is a request).
     summary = (
@@ -284,8 +281,22 @@ def _finish(
         else None,
     }
     if fabric.global_rank == 0:
+        if not counts[5] and summary["shards_done"] == num_shards:  # a rerun of a finished job, no batch
+            summary = _keep_last_run(folder, summary)
         folder.write_summary(summary)
         if counts[4] and summary["shards_done"] < summary["shards_total"] and not requeue_slurm_job():
             fabric.print("clip_fabric: stopped on a signal; rerun the same command to resume")
     fabric.print(final_line(summary, job.output.dir))
     return summary
+
+
+def _keep_last_run(folder: RunFolder, summary: dict) -> dict:
+    """The summary of a rerun that found nothing left to do: ``this_run`` stays the last run's that
+    embedded something, not ``rows: 0``; ``nothing_left`` says so."""
+    try:
+        before = folder.read_json(SUMMARY_FILE, "the last run's summary")
+    except ValueError:
+        before = None
+    if isinstance(before, dict) and isinstance(before.get("this_run"), dict):
+        summary["this_run"] = before["this_run"]
+    return summary | {"nothing_left": True}

@@ -156,6 +156,16 @@ def final_line(summary: dict, out_dir: str) -> str:
         + "), "
         + (f"{summary['filtered']} pairs under --threshold, " if summary["filtered"] else "")
         + f"{summary['shards_done']}/{summary['shards_total']} shards in {out_dir}; "
+        + (
+            "nothing left to do: every shard was done before (summary.json keeps the last run's figures)"
+            if summary.get("nothing_left")
+            else _this_run(this)
+        )
+    )
+
+
+def _this_run(this: dict) -> str:
+    return (
         f"this run {this['rows']} rows in {this['seconds']:.1f} s wall "
         f"({this['samples_per_s'] or 0:.1f} samples/s after {this['setup_s']:.1f} s of start-up) on "
         f"{this['world_size']} rank(s)"

@@ -5,6 +5,7 @@ input format, and suggestions for clip-retrieval habits."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -231,3 +232,71 @@ def test_an_output_dir_that_is_a_file_is_named(capsys, tmp_path, inside):
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode != 0 and "File exists" not in last
     assert last.startswith(f"clip_fabric: error: --output.dir '{target}' is ") and "not a folder" in last
+
+
+def test_no_srun_hint_where_slurm_is_installed(tmp_path, monkeypatch, recwarn):
+    from clip_fabric.launch import build_fabric
+
+    srun = tmp_path / "bin" / "srun"
+    srun.parent.mkdir()
+    srun.write_text("#!/bin/sh\nexit 0\n")
+    srun.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{srun.parent}:{os.environ['PATH']}")
+    for name in [v for v in os.environ if v.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    build_fabric("cpu")
+    assert not [w for w in recwarn if "srun" in str(w.message)]
+
+
+def test_random_weights_are_warned_once(tiny_config, caplog):
+    from clip_fabric.model import load_model
+
+    load_model(ModelArgs(config=str(tiny_config)))
+    said = [r for r in caplog.records if "random" in r.getMessage().lower()]
+    assert len(said) == 1 and "NO PRETRAINED WEIGHTS" in said[0].getMessage()
+
+
+def test_an_empty_input_is_reported_before_the_model_loads_and_leaves_nothing(
+    capsys, tmp_path, tiny_config, monkeypatch
+):
+    from clip_fabric import predict
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded for an empty input")
+
+    monkeypatch.setattr(predict, "load_model", no_model)
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    result = cli_in_process(
+        capsys, "predict", "--model.config", str(tiny_config), "--data.format", "folder",
+        "--data.source", str(tmp_path / "empty"), "--output.dir", str(out), "--accelerator", "cpu",
+    )  # fmt: skip
+    assert result.returncode == 3
+    assert result.stderr.strip().splitlines()[-1].startswith("clip_fabric: the input holds no samples")
+    assert not out.exists()
+
+
+def test_blank_lines_of_a_caption_list_are_counted(tmp_path, caplog):
+    from clip_fabric.data.files import FileListSource
+
+    listing = tmp_path / "captions.txt"
+    listing.write_text("a cat\n\n  \na dog\n")
+    source = FileListSource(str(listing), 10, text_only=True)
+    assert source.count == 2
+    assert any("2 blank line(s) skipped" in r.getMessage() for r in caplog.records)
+
+
+def test_a_rerun_with_nothing_left_keeps_the_last_runs_figures(capsys, tmp_path, tiny_config, image_folder):
+    args = dict(
+        model=ModelArgs(config=str(tiny_config)),
+        data=DataArgs(format="folder", source=str(image_folder), num_workers=0),
+        output=OutputArgs(dir=str(tmp_path / "out")),
+        accelerator="cpu",
+    )
+    first = setup(**args)
+    again = setup(**args)
+    assert first["this_run"]["rows"] == 11
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert written["this_run"] == first["this_run"] and written["nothing_left"] is True
+    assert again["rows"] == 11 and again["this_run"]["rows"] == 11
+    assert "nothing left to do: every shard was done before" in capsys.readouterr().out.splitlines()[-1]

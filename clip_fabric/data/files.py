@@ -7,6 +7,7 @@ as a command: ``pipe:...`` in a list is a file name.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -157,6 +158,8 @@ def _read_table(path: Path, line_column: str) -> dict[str, list]:
         return pacsv.read_csv(path, parse_options=options, convert_options=convert).to_pydict()
     if suffix == ".txt":
         lines = path.read_bytes().splitlines()
+        if blank := sum(1 for line in lines if not line.strip()):  # counted, not silently gone
+            logging.getLogger(__name__).warning("%s: %d blank line(s) skipped, not samples", path, blank)
         return {line_column: [line.strip() for line in lines if line.strip()]}
     raise ValueError(
         f"--data.source {path}: unsupported list format {suffix!r}; use .csv, .tsv, .parquet or .txt"
