@@ -109,7 +109,7 @@ class Progress:
         self._unreported, self._last_report = 0, now
 
     def _report_shards(self, now: float) -> None:
-        """``shards 3/60, ETA 5:02`` beside the bar, where the samples are not known in advance."""
+        """``shards 3/60, ETA 05:02`` beside the bar, where the samples are not known in advance."""
         if not self.count_shards:
             return
         done = self._unreported_shards

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import cli_in_process, jpeg_bytes, run_cli
+from conftest import REPO, cli_in_process, jpeg_bytes, run_cli
 
 from clip_fabric.config import DataArgs, ModelArgs, OutputArgs, ZeroShotArgs
 from clip_fabric.predict import setup
@@ -300,3 +300,17 @@ def test_a_rerun_with_nothing_left_keeps_the_last_runs_figures(capsys, tmp_path,
     assert written["this_run"] == first["this_run"] and written["nothing_left"] is True
     assert again["rows"] == 11 and again["this_run"]["rows"] == 11
     assert "nothing left to do: every shard was done before" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_the_readme_sets_up_a_venv_and_a_cpu_only_install_at_the_pinned_versions():
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    pyproject = (REPO / "pyproject.toml").read_text()
+    setup_part = readme.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    assert "python3 -m venv .venv" in setup_part and ". .venv/bin/activate" in setup_part
+    cpu = next(line for line in setup_part.splitlines() if "download.pytorch.org/whl/cpu" in line)
+    assert cpu.startswith("pip install ") and "--index-url https://download.pytorch.org/whl/cpu" in cpu
+    for package in ("torch", "torchvision"):
+        pinned = re.search(rf'"{package}==([\d.]+)"', pyproject).group(1)
+        assert f"{package}=={pinned} " in cpu, (package, pinned, cpu)
