@@ -38,7 +38,7 @@ class OneLineErrorParser(ArgumentParser):
 
     _argv: list[str] | None = None
 
-    def parse_args(self, args: list[str] | None = None, *rest, **kwargs):  # noqa: ANN002, ANN003
+    def parse_args(self, args: list[str] | None = None, *rest, **kwargs):
         self._argv = list(sys.argv[1:] if args is None else args)  # where a YAML error's file is named
         return super().parse_args(args, *rest, **kwargs)
 
