@@ -33,7 +33,10 @@ def main(args: list[str] | None = None) -> None:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings become --help text
     try:
         check_config_files(sys.argv[1:] if args is None else args)  # an alias bomb: before the parser
-        result = CLI(COMMANDS, args=args, as_positional=False)
+        from clip_fabric import cli  # torch-free
+
+        parser = {"parser_class": cli.OneLineErrorParser, "prog": cli.prog()}  # errors: one line
+        result = CLI(COMMANDS, args=args, as_positional=False, **parser)
     except (ValueError, RuntimeError, OSError) as err:
         # Configuration errors found after parsing (unknown model, unreadable source, ...) and a full
         # disk or unwritable output: one line.

@@ -145,6 +145,11 @@ class DataArgs:
             path = Path(self.source)
             if self.format == "folder" and not path.is_dir():
                 raise ValueError(f"--data.source {self.source!r} is not a folder (--data.format folder)")
+            if self.format == "files" and path.is_dir():
+                raise ValueError(
+                    f"--data.source {self.source!r} is a folder: use --data.format folder for a folder of "
+                    "images (clip-retrieval's input_format files); --data.format files reads a list file"
+                )
             if self.format == "files" and not path.is_file():
                 raise ValueError(f"--data.source {self.source!r} is not a file (--data.format files)")
 
@@ -176,6 +181,17 @@ class OutputArgs:
     """Storage dtype of the L2-normalised embeddings."""
     overwrite: bool = False
     """Start again in an output folder that holds a run with a different configuration."""
+
+    def __post_init__(self) -> None:
+        if "://" in self.dir and not self.dir.startswith("file://"):
+            return  # a store: its "folders" are key prefixes
+        path = Path(self.dir.removeprefix("file://"))
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            where = "is a file" if existing == path else f"is inside {str(existing)!r}, a file"
+            raise ValueError(
+                f"--output.dir {self.dir!r} {where}, not a folder: give a folder path (created if missing)"
+            )
 
 
 def _is_url(source: str) -> bool:

@@ -7,6 +7,7 @@ import ctypes
 import os
 import signal
 import textwrap
+import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -69,13 +70,19 @@ def build_fabric(
     """The Fabric of a command, with its layout and precision validated before any process starts;
     ``precision`` is a ``--precision`` name or a plugin already built."""
     plugin = precision if isinstance(precision, Precision) else build_precision(precision, tf32, accelerator)
-    return Fabric(
-        accelerator=accelerator,
-        devices=devices,
-        num_nodes=num_nodes,
-        strategy=build_strategy(strategy, devices, num_nodes, timeout_s, tower_layout, tensor_parallel_size),
-        plugins=plugin,
-    )
+    with warnings.catch_warnings():
+        # Lightning's "srun is available but not used" hint, on every run of a machine with Slurm
+        # installed: a run started without srun is one job on this node (docs/slurm.md starts jobs).
+        warnings.filterwarnings("ignore", message="The `srun` command is available on your system")
+        return Fabric(
+            accelerator=accelerator,
+            devices=devices,
+            num_nodes=num_nodes,
+            strategy=build_strategy(
+                strategy, devices, num_nodes, timeout_s, tower_layout, tensor_parallel_size
+            ),
+            plugins=plugin,
+        )
 
 
 _PR_SET_PDEATHSIG = 1

@@ -3,6 +3,7 @@ L2-normalised embeddings."""
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import socket
@@ -40,9 +41,11 @@ def check_model(args: ModelArgs) -> None:
         _check_hf_hub_model(args)
         return
     if args.name not in open_clip.list_models():
+        guess = nearest_model(args.name, open_clip.list_models())
         raise ValueError(
-            f"unknown open_clip model {args.name!r}: pick one of open_clip.list_models() "
-            "or give --model.config path/to/config.json"
+            f"unknown open_clip model {args.name!r}: "
+            + (f"did you mean --model.name {guess}? Else pick" if guess else "pick")
+            + " one of open_clip.list_models() or give --model.config path/to/config.json"
         )
     if args.pretrained is None or Path(args.pretrained).is_file():
         return
@@ -61,6 +64,17 @@ def check_model(args: ModelArgs) -> None:
         )
 
 
+def nearest_model(name: str, known: list[str]) -> str | None:
+    """The open_clip name a mistyped or OpenAI-style one means: ``ViT-B/32`` (OpenAI's and
+    clip-retrieval's spelling) is ``ViT-B-32``; otherwise the closest name, case aside."""
+    dashed = name.replace("/", "-")
+    by_lower = {k.lower(): k for k in known}
+    if dashed.lower() in by_lower:
+        return by_lower[dashed.lower()]
+    close = difflib.get_close_matches(dashed.lower(), list(by_lower), n=1, cutoff=0.75)
+    return by_lower[close[0]] if close else None
+
+
 def load_model(args: ModelArgs) -> tuple[nn.Module, Callable, Callable]:
     """Return ``(model, preprocess, tokenizer)`` exactly as open_clip builds them for evaluation; an
     ``hf-hub:`` model comes with its repo's weights (``check_model`` made sure they are there)."""
@@ -73,6 +87,8 @@ def load_model(args: ModelArgs) -> tuple[nn.Module, Callable, Callable]:
             "Pass --model.pretrained TAG_OR_PATH for real ones.",
             args.name,
         )
+    root = logging.getLogger()
+    root.addFilter(_open_clip_random_weights)  # the warning above says it once, with what to do
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             args.name, pretrained=args.pretrained, cache_dir=args.cache_dir
@@ -86,11 +102,18 @@ def load_model(args: ModelArgs) -> tuple[nn.Module, Callable, Callable]:
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}): give an "
             "open_clip checkpoint (a state dict, or a dict with 'state_dict') for this model"
         ) from err
+    finally:
+        root.removeFilter(_open_clip_random_weights)
     model.eval().requires_grad_(False)
     patch_embedding_as_matmul(model)
     # An hf-hub: tokenizer is chosen by the repo's config, which sits in the cache the weights came from.
     hub = args.name.startswith(HF_HUB_PREFIX)
     return model, preprocess, open_clip.get_tokenizer(args.name, cache_dir=args.cache_dir if hub else None)
+
+
+def _open_clip_random_weights(record: logging.LogRecord) -> bool:
+    """Drop open_clip's own "No pretrained weights loaded" line: ``load_model`` warns once itself."""
+    return not str(record.msg).startswith("No pretrained weights loaded")
 
 
 class MatmulPatchEmbedding(nn.Module):

@@ -75,6 +75,7 @@ class Mode:
         """The rows and embeddings this mode writes for one batch's encoder ``outputs``."""
         if not rows:  # a batch of errors only, or the end of a shard: nothing was encoded
             return Finished([], {})
+        rows = [read_back_columns(row) for row in rows]
         keep = None
         if self.similarity:
             scores = outputs["similarity"]
@@ -89,6 +90,18 @@ class Mode:
             ]
         embeddings = {t: outputs[t] if keep is None else outputs[t][keep] for t in self.embeddings}
         return Finished(rows, embeddings, 0 if keep is None else int((~keep).sum()))
+
+
+def read_back_columns(row: dict) -> dict:
+    """The columns every output has, whatever the input format and mode, so one reader (the README's
+    EmbeddingReader with ``image_path`` and ``caption``) reads them all: ``image_path`` null where the
+    input has none (a caption list, synthetic images), and a missing or blank caption null, never ``''``."""
+    caption = row.get("caption")
+    return (
+        {"key": row["key"], "image_path": row.get("image_path")}
+        | row
+        | {"caption": caption if isinstance(caption, str) and caption.strip() else None}
+    )
 
 
 def _labels(class_names: Sequence[str], index: np.ndarray, probs: np.ndarray) -> dict:

@@ -23,8 +23,9 @@ from clip_fabric.model import Embedder, check_model, hf_hub_revision, load_model
 from clip_fabric.modes import MODES, Mode, ModeName
 from clip_fabric.precision import resolve_precision
 from clip_fabric.preemption import JobStop, StopRequest, requeue_slurm_job
-from clip_fabric.progress import Progress
-from clip_fabric.run_folder import RunFolder, fingerprint
+from clip_fabric.progress import Progress, final_line, phase, process_seconds
+from clip_fabric.reasons import folder_reasons
+from clip_fabric.run_folder import SUMMARY_FILE, RunFolder, fingerprint
 from clip_fabric.strategies import hooks, strategy_class
 from clip_fabric.topology import TowerLayout
 from clip_fabric.writers import ShardWriter
@@ -99,6 +100,8 @@ def setup(
         raise ValueError("--data.decode gpu needs --accelerator cuda (or auto on a GPU machine); use cpu")
     check_model(model)
     source = build_source(data, text_only=not job_mode.reads_images)
+    if not source.shards():  # said before the model loads, and no folder, lock or state file is left
+        return {"rows": 0, "errors": 0, "filtered": 0, "shards_done": 0, "shards_total": 0, "this_run": None}
     run = {
         "fingerprint": fingerprint(
             model, data, output, mode, resolve_precision(precision, accelerator), hf_hub_revision(model)
@@ -141,7 +144,8 @@ def main(fabric: Fabric, job: Job) -> dict:
     with StopRequest(lambda: launched_ranks(fabric)) as stop:
         folder, strategy = RunFolder(job.output.dir), hooks(fabric.strategy)
         fabric.barrier()
-        model, preprocess, tokenizer = load_model(job.model)
+        with phase(fabric.print, f"loading model {job.model.name}"):
+            model, preprocess, tokenizer = load_model(job.model)
         embedder, class_names = _build_embedder(fabric, job, model, tokenizer)
         shards, mine, left = _shards(job.source, folder, strategy, fabric)
         local_ranks = strategy.reading_ranks(fabric.world_size // job.run["config"]["num_nodes"])
@@ -165,7 +169,9 @@ def main(fabric: Fabric, job: Job) -> dict:
             "shard_size": getattr(job.source, "shard_size", None),
         }
         writer = ShardWriter(job.output.dir, len(shards), job.output.dtype, enabled=strategy.writes)
-        progress = Progress(fabric.global_rank, left, "samples", strategy.writes)
+        # Tar shards are counted once read: rank 0's bar shows the shards done of those left instead.
+        todo = len(shards) - len(folder.done_shards()) if left is None and fabric.global_rank == 0 else None
+        progress = Progress(fabric.global_rank, left, "samples", strategy.writes, todo)
         job_stop = JobStop(stop, job_store())
         stopping = lambda: strategy.agree_to_stop(job_stop())  # noqa: E731
         shards_begun = lambda: writer.open_shards  # noqa: E731
@@ -173,7 +179,7 @@ def main(fabric: Fabric, job: Job) -> dict:
             for batch, outputs, latency in encode_in_order(batches, embedder, stopping, shards_begun):
                 finished = job.mode.finish(batch.rows, outputs, job.threshold, class_names)
                 writer.add(batch.shard, batch.source, finished, batch.errors, batch.last)
-                progress.add(len(finished.rows), len(batch.errors), finished.filtered, latency)
+                progress.add(len(finished.rows), len(batch.errors), finished.filtered, latency, batch.last)
         writer.close()
         return _finish(fabric, job, folder, len(shards), progress, embedder.max_batch, ran, job_stop.raised)
 
@@ -194,7 +200,9 @@ def _build_embedder(
 
     class_names = load_class_names(job.zeroshot.class_names)
     templates = load_templates(job.zeroshot.templates)
-    module.classifier = sharded_classifier(fabric, encode_text, tokenizer, class_names, templates)
+    what = f"building the zero-shot classifier ({len(class_names)} classes x {len(templates)} prompts)"
+    with phase(fabric.print, what):  # minutes on a CPU: its time is start-up, not the embedding rate
+        module.classifier = sharded_classifier(fabric, encode_text, tokenizer, class_names, templates)
     return embedder, class_names
 
 
@@ -241,26 +249,26 @@ def _finish(
 ) -> dict:
     """The job's summary, written by rank 0: totals of every shard done so far and this run's figures."""
     end = time.perf_counter()
+    wall, loop = process_seconds(job.started), end - progress.started
     rate = progress.steady_rate(end)
     unmeasured = rate is None and progress.rows > 0  # ranks that wrote nothing (text, idle) do not vote
     # float64 holds row counts exactly; the steady rates of the ranks add up to the job's.
     local = torch.tensor(
-        [progress.rows, progress.errors, rate or 0.0, unmeasured, float(stopped)],
+        [progress.rows, progress.errors, rate or 0.0, unmeasured, float(stopped), len(progress.latencies)],
         dtype=torch.float64,
         device=fabric.device,
     )
     counts = fabric.all_reduce(local, reduce_op="sum")
     rows = int(counts[0])
-    # The job took as long as its slowest rank (rank 0 may have had nothing left to do on a resume).
-    seconds = float(
-        fabric.all_reduce(
-            torch.tensor(end - job.started, dtype=torch.float64, device=fabric.device), reduce_op="max"
-        )
-    )
+    # The job took as long as its slowest rank (rank 0 may have had nothing left to do on a resume): its
+    # wall time from the process's start, and its embedding loop's, which gives the rate.
+    times = torch.tensor([wall, loop], dtype=torch.float64, device=fabric.device)
+    seconds, loop = fabric.all_reduce(times, reduce_op="max").cpu().tolist()
     fabric.barrier()
     # Rank 0 reads the done markers (one listing, not one per rank: on a store each is a request).
     summary = (
         folder.summarize(job.run, num_shards, rows, int(counts[1]), seconds, fabric.world_size)
+        | {"error_reasons": folder_reasons(folder.fs, folder.path("errors"))}
         if fabric.global_rank == 0
         else None
     )
@@ -268,6 +276,8 @@ def _finish(
     first = progress.first_batch_at
     summary["this_run"] |= ran | {
         "batch_size": batch_size,
+        "samples_per_s": round(rows / loop, 1) if loop > 0 else None,  # model load, classifier excluded
+        "setup_s": round(seconds - loop, 3),
         "startup_s": round(first - job.started, 3) if first is not None else None,
         "batch_latency_ms": progress.latency_ms(),
         "steady_samples_per_s": round(float(counts[2]), 1) if not counts[3] else None,
@@ -276,15 +286,22 @@ def _finish(
         else None,
     }
     if fabric.global_rank == 0:
+        if not counts[5] and summary["shards_done"] == num_shards:  # a rerun of a finished job, no batch
+            summary = _keep_last_run(folder, summary)
         folder.write_summary(summary)
         if counts[4] and summary["shards_done"] < summary["shards_total"] and not requeue_slurm_job():
             fabric.print("clip_fabric: stopped on a signal; rerun the same command to resume")
-    fabric.print(
-        f"clip_fabric: {summary['rows']} rows, {summary['errors']} skipped samples (errors/), "
-        + (f"{summary['filtered']} pairs under --threshold, " if summary["filtered"] else "")
-        + f"{summary['shards_done']}/{summary['shards_total']} shards in {job.output.dir}; "
-        f"this run {rows} rows "
-        f"in {seconds:.1f} s ({summary['this_run']['samples_per_s'] or 0:.1f} samples/s) on "
-        f"{fabric.world_size} rank(s)"
-    )
+    fabric.print(final_line(summary, job.output.dir))
     return summary
+
+
+def _keep_last_run(folder: RunFolder, summary: dict) -> dict:
+    """The summary of a rerun that found nothing left to do: ``this_run`` stays the last run's that
+    embedded something, not ``rows: 0``; ``nothing_left`` says so."""
+    try:
+        before = folder.read_json(SUMMARY_FILE, "the last run's summary")
+    except ValueError:
+        before = None
+    if isinstance(before, dict) and isinstance(before.get("this_run"), dict):
+        summary["this_run"] = before["this_run"]
+    return summary | {"nothing_left": True}

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from clip_fabric.reasons import describe
 from clip_fabric.run_lock import hold
 
 if TYPE_CHECKING:
@@ -425,7 +426,9 @@ def exit_status(summary: dict) -> tuple[int, str | None]:
         return EXIT_NO_ROWS, "the input holds no samples: nothing was embedded (check --data.source)"
     if summary["rows"] == 0 and not summary.get("filtered"):
         return EXIT_NO_ROWS, (
-            f"every sample failed ({summary['errors']} recorded in errors/): nothing was embedded"
+            f"every sample failed ({summary['errors']} recorded in errors/"
+            + (f": {describe(summary['error_reasons'])}" if summary.get("error_reasons") else "")
+            + "): nothing was embedded"
         )
     return 0, None
 

@@ -162,6 +162,7 @@ def test_finish_scores_filters_and_labels():
         rows, {"image": image, "topk": np.array([[1, 0]] * 3), "topk_probs": np.array([[0.75, 0.25]] * 3)},
         class_names=["cat", "dog"],
     )  # fmt: skip
-    assert labelled.rows[0] == {"key": "0", "label": "dog", "probability": 0.75,
-                                "topk_labels": ["dog", "cat"], "topk_probs": [0.75, 0.25]}  # fmt: skip
+    assert labelled.rows[0] == {"key": "0", "image_path": None, "caption": None, "label": "dog",
+                                "probability": 0.75, "topk_labels": ["dog", "cat"],
+                                "topk_probs": [0.75, 0.25]}  # fmt: skip
     assert MODES["pair"].finish([], {}).rows == []

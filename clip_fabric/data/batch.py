@@ -64,6 +64,7 @@ class Batch:
         take = lambda t: t[index.to(t.device)] if t is not None else None  # noqa: E731
         errors = self.errors + [
             {"key": self.rows[i]["key"], "source": self.source, "reason": why}
+            | ({"image_path": self.rows[i]["image_path"]} if self.rows[i].get("image_path") else {})
             for i, why in sorted(reasons.items())
         ]
         return replace(

@@ -8,6 +8,7 @@ another scheme (``http://``, ``s3://``, ...) is read through fsspec. Every read 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,7 +122,10 @@ class FileListSource:
         sample = RawSample(f"{row:0{width}d}", caption=caption)
         if self.images is not None:
             location = self.images[row]
-            sample.meta["image_path"] = location or ""
+            # As a folder's: absolute, so the metadata still finds the image from anywhere.
+            sample.meta["image_path"] = (
+                location if not location or "://" in location else str(self.resolve(location))
+            )
             if row in self.bad:
                 sample.error = self.bad[row]
             elif not location:
@@ -191,6 +195,8 @@ def _read_table(path: Path, line_column: str) -> dict[str, list]:
         return pacsv.read_csv(path, parse_options=options, convert_options=convert).to_pydict()
     if suffix == ".txt":
         lines = path.read_bytes().splitlines()
+        if blank := sum(1 for line in lines if not line.strip()):  # counted, not silently gone
+            logging.getLogger(__name__).warning("%s: %d blank line(s) skipped, not samples", path, blank)
         return {line_column: [line.strip() for line in lines if line.strip()]}
     raise ValueError(
         f"--data.source {path}: unsupported list format {suffix!r}; use .csv, .tsv, .parquet or .txt"

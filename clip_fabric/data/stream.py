@@ -64,7 +64,8 @@ class ShardStream(IterableDataset):
             on_gpu = self.gpu_jpeg and int((position + 1) * self.cpu_share) == int(position * self.cpu_share)
             image, reason = self._decode(raw, on_gpu)
             if reason is not None:
-                errors.append({"key": raw.key, "source": shard.name, "reason": reason})
+                where = {"image_path": raw.meta["image_path"]} if raw.meta.get("image_path") else {}
+                errors.append({"key": raw.key, "source": shard.name, "reason": reason} | where)
                 continue
             rows.append({"key": raw.key, **raw.meta, "caption": raw.caption})
             images.append(image)
