@@ -12,12 +12,14 @@ import functools
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 from typing import TypeVar
 
@@ -102,7 +104,7 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         if isinstance(exc, Exception):
-            dead = dead_workers()
+            dead = dead_workers() or _worker_in(exc)
             if dead:  # the loader's own error is a reset connection or a pipe: name the worker instead
                 raise RuntimeError(
                     f"{dead}: the out-of-memory killer sends SIGKILL (see dmesg; lower --data.num_workers "
@@ -157,10 +159,31 @@ class JobStop:
         return self.raised
 
 
+_WORKERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def watch_workers(processes: Iterable[multiprocessing.process.BaseProcess]) -> None:
+    """Data workers ``dead_workers`` looks at besides this process's children (a loader that already
+    shut down its workers no longer lists them there)."""
+    _WORKERS.update(processes)
+
+
+def _worker_in(exc: BaseException) -> str | None:
+    """The worker torch's own error names (its loader may have reaped the worker already), in words."""
+    found = re.search(
+        r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) (?:is killed by signal: ([^.]+)|exited)", str(exc)
+    )
+    if found is None:
+        return None
+    names = {signal.strsignal(s): s.name for s in signal.Signals if signal.strsignal(s)}
+    how = f"killed by {names.get(found[2], found[2])}" if found[2] else "exited unexpectedly"
+    return f"a data worker of this rank died (pid {found[1]}, {how})"
+
+
 def dead_workers() -> str | None:
     """Which DataLoader workers of this process died of a signal or a failure, in words; None if none."""
-    children = getattr(multiprocessing.process, "_children", set())
-    dead = [(p.pid, p.exitcode) for p in list(children) if p.exitcode not in (None, 0)]
+    children = set(getattr(multiprocessing.process, "_children", set())) | set(_WORKERS)
+    dead = sorted({(p.pid, p.exitcode) for p in children if p.exitcode not in (None, 0)})
     if not dead:
         return None
     told = [

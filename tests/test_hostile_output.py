@@ -150,7 +150,8 @@ def test_every_metadata_file_of_a_run_has_the_same_columns(tmp_path, tiny_config
     values = pq.read_table(out / "metadata").column("a").to_pylist()  # one schema for the folder
     assert values.count("only in the last shard") == 1 and values.count(None) == 10
     _, again = predict(tmp_path, tiny_config, folder_data(image_folder))
-    assert again["this_run"]["rows"] == 0 and again["shards_done"] == 3  # the padded shards stay done
+    # The padded shards stay done: the rerun embeds nothing (its summary keeps the last run that did).
+    assert again["nothing_left"] and again["shards_done"] == 3
 
 
 # -- issue 28 item 2: a fixed input is read again ---------------------------------------------------

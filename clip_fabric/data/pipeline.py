@@ -29,7 +29,7 @@ from clip_fabric.data.sizing import resolve_num_workers
 from clip_fabric.data.stream import ShardStream
 from clip_fabric.encode import DEFAULT_BATCH_SIZE, auto_batch_size
 from clip_fabric.modes import Mode
-from clip_fabric.preemption import worker_shield
+from clip_fabric.preemption import watch_workers, worker_shield
 from clip_fabric.strategies import hooks
 
 log = logging.getLogger(__name__)
@@ -154,8 +154,18 @@ class DeviceBatches:
         self.device, self.normalise = device, cpu.spec.normalise if cpu.spec is not None else None
 
     def __iter__(self) -> Iterator[Batch]:
-        for batch in in_shard_order(self.loader):
-            yield self.stage(batch) if self.stage is not None else batch.to(self.device, self.normalise)
+        # The loader's iterator is kept here past an error: shutting it down reaps its workers, and the
+        # caller then could no longer tell which one died (``preemption.dead_workers``).
+        self.loader_iter = iter(self.loader)
+        watch_workers(getattr(self.loader_iter, "_workers", []))
+        try:
+            for batch in in_shard_order(self.loader_iter):
+                yield self.stage(batch) if self.stage is not None else batch.to(self.device, self.normalise)
+        except GeneratorExit:
+            self.loader_iter = None
+            raise
+
+        self.loader_iter = None
 
 
 device_batches = DeviceBatches
