@@ -88,7 +88,7 @@ def setup(
     classes, prompt_templates = None, None
     if task == "zeroshot":
         classes = _class_names(source, data, class_names)
-        prompt_templates = load_templates(templates)
+        prompt_templates = load_templates(templates, "--templates")
     elif class_names is not None:
         raise ValueError("--class_names is for --task zeroshot; retrieval matches each image to its caption")
     config = {
@@ -277,7 +277,7 @@ def _class_names(source: Source, data: DataArgs, spec: str | None) -> list[str]:
                 "--task zeroshot on webdataset needs --class_names (imagenet or a file of names, one a line, "
                 "line i for cls i)"
             )
-        return load_class_names(spec)
+        return load_class_names(spec, "--class_names")
     if data.format != "folder":
         raise ValueError(
             f"--task zeroshot needs labelled data: --data.format folder (one sub-folder per class) or "
@@ -294,7 +294,7 @@ def _class_names(source: Source, data: DataArgs, spec: str | None) -> list[str]:
         raise ValueError(f"--data.source {data.source}: no images in class sub-folders")
     if spec is None:
         return folders
-    names = load_class_names(spec)
+    names = load_class_names(spec, "--class_names")
     if len(names) != len(folders):
         raise ValueError(
             f"--class_names {spec} has {len(names)} names but --data.source has {len(folders)} class "
