@@ -21,7 +21,7 @@ from clip_fabric.encode import DEFAULT_BATCH_SIZE, ChunkedEmbedder, encode_in_or
 from clip_fabric.launch import build_fabric, die_with_launcher, job_store, launch_docs, launched_ranks
 from clip_fabric.model import Embedder, check_model, hf_hub_revision, load_model
 from clip_fabric.modes import MODES, Mode, ModeName
-from clip_fabric.precision import resolve_precision
+from clip_fabric.precision import resolve_precision, tf32_fingerprint
 from clip_fabric.preemption import JobStop, StopRequest, requeue_slurm_job
 from clip_fabric.progress import Progress
 from clip_fabric.run_folder import RunFolder, fingerprint
@@ -103,7 +103,8 @@ def setup(
         "fingerprint": fingerprint(
             model, data, output, mode, resolve_precision(precision, accelerator), hf_hub_revision(model)
         )
-        | {"threshold": threshold, "zeroshot": asdict(zeroshot) if job_mode.labels else None},
+        | {"threshold": threshold, "zeroshot": asdict(zeroshot) if job_mode.labels else None}
+        | tf32_fingerprint(precision, tf32, accelerator, float32_logits=job_mode.labels),
         "config": {
             "model": asdict(model),
             "data": asdict(data),

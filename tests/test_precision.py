@@ -171,6 +171,56 @@ def test_tf32_switch_is_scoped():
 
 
 @pytest.mark.parametrize(
+    "name, tf32, capability, zeroshot, changes",
+    [
+        ("32-true", True, (9, 0), False, True),
+        ("32-true", False, (9, 0), False, False),
+        ("32-true", True, None, False, False),  # a CPU has no TF32
+        ("32-true", True, (7, 0), False, False),  # nor a V100
+        ("16-mixed", True, (8, 0), False, True),  # float32 norms and projections
+        ("bf16-mixed", True, (8, 0), False, True),
+        ("16-true", True, (8, 0), False, True),
+        ("fp8", True, (9, 0), False, True),
+        ("bf16-true", True, (9, 0), False, False),  # no float32 matmul left
+        ("bf16-true", True, (9, 0), True, True),  # but the zero-shot logits
+        ("auto", False, (9, 0), False, False),  # bf16-true + TF32
+        ("auto", False, (9, 0), True, True),
+        ("auto", True, None, False, False),  # 32-true on a CPU
+    ],
+)
+def test_tf32_changes_rows_where_float32_matmuls_remain(name, tf32, capability, zeroshot, changes):
+    assert prec.tf32_changes_rows(name, tf32, capability, float32_logits=zeroshot) is changes
+
+
+def test_tf32_is_in_the_fingerprint_where_it_changes_the_rows(tmp_path, tiny_config, monkeypatch):
+    """A 32-true run on a TF32 GPU cannot be resumed with TF32 switched, or its folder would mix rows of
+    both; on a CPU, where TF32 changes nothing, it can."""
+    from clip_fabric.config import OutputArgs
+    from clip_fabric.predict import setup
+
+    def run(tf32: bool, **kw) -> dict:
+        return setup(
+            model=ModelArgs(config=str(tiny_config)),
+            data=DataArgs(num_samples=8, shard_size=4, num_workers=0),
+            output=OutputArgs(dir=str(tmp_path / "out"), **kw),
+            accelerator="cpu",
+            precision="32-true",
+            tf32=tf32,
+        )
+
+    assert run(tf32=True)["this_run"]["rows"] == 8  # a CPU: no TF32, same rows
+    assert run(tf32=False)["this_run"]["rows"] == 0  # resumed: nothing left
+    assert "tf32" not in json.loads((tmp_path / "out" / "run.json").read_text())["fingerprint"]
+    monkeypatch.setattr(prec, "device_capability", lambda accelerator="auto": ((9, 0), "NVIDIA H200"))
+    with pytest.raises(ValueError, match=r"holds a run with a different tf32"):
+        run(tf32=True)
+    assert run(tf32=True, overwrite=True)["this_run"]["rows"] == 8
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["fingerprint"]["tf32"] is True
+    with pytest.raises(ValueError, match=r"holds a run with a different tf32"):
+        run(tf32=False)
+
+
+@pytest.mark.parametrize(
     "capability, name, expected, tf32",
     [
         (None, "cpu", "32-true", False),

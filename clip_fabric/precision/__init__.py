@@ -52,6 +52,29 @@ def resolve_precision(name: str, accelerator: str = "auto") -> str:
     return choose_auto(*device_capability(accelerator))[0] if name == "auto" else name
 
 
+def tf32_changes_rows(
+    name: str, tf32: bool, capability: tuple[int, int] | None, float32_logits: bool = False
+) -> bool:
+    """Whether ``--tf32`` (or TF32 chosen by ``auto``) changes what a run writes: the GPU has TF32
+    (compute capability 8.0+; a CPU has none) and float32 matmuls remain under the precision. They do
+    under every precision but ``bf16-true``: ``32-true`` is all float32, and the others keep norms and
+    final projections in float32 (``fp32_parts``). ``bf16-true``'s one float32 matmul is the zero-shot
+    logits (``float32_logits``)."""
+    if name == "auto":
+        name, auto_tf32, _ = choose_auto(capability)
+        tf32 = tf32 or auto_tf32
+    if not tf32 or capability is None or capability < (8, 0):
+        return False
+    return name != "bf16-true" or float32_logits
+
+
+def tf32_fingerprint(name: str, tf32: bool, accelerator: str = "auto", float32_logits: bool = False) -> dict:
+    """TF32 for a run's fingerprint: ``{"tf32": True}`` where it changes the rows, else nothing (absent
+    means off, so that folders written before TF32 was recorded resume as they did)."""
+    capability, _ = device_capability(accelerator)
+    return {"tf32": True} if tf32_changes_rows(name, tf32, capability, float32_logits) else {}
+
+
 def build_precision(name: str, tf32: bool = False, accelerator: str = "auto") -> Precision:
     """The Fabric precision plugin for ``--precision name`` (pass it as ``Fabric(plugins=...)``).
 
