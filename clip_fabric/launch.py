@@ -8,14 +8,14 @@ import os
 import signal
 import textwrap
 from collections.abc import Callable
-from typing import TypeVar
-
-import torch.distributed as dist
-from lightning.fabric import Fabric
-from lightning.fabric.plugins.precision import Precision
+from typing import TYPE_CHECKING, TypeVar
 
 from clip_fabric.precision import build_precision
-from clip_fabric.strategies import build_strategy
+
+if TYPE_CHECKING:  # imported where used: the commands' modules import this one for --help
+    import torch.distributed as dist
+    from lightning.fabric import Fabric
+    from lightning.fabric.plugins.precision import Precision
 
 LAUNCH_OPTIONS: dict[str, str] = {
     "accelerator": "Fabric accelerator: ``cpu``, ``cuda``, ``gpu`` or ``auto``.",
@@ -68,6 +68,11 @@ def build_fabric(
 ) -> Fabric:
     """The Fabric of a command, with its layout and precision validated before any process starts;
     ``precision`` is a ``--precision`` name or a plugin already built."""
+    from lightning.fabric import Fabric
+    from lightning.fabric.plugins.precision import Precision
+
+    from clip_fabric.strategies import build_strategy
+
     plugin = precision if isinstance(precision, Precision) else build_precision(precision, tf32, accelerator)
     return Fabric(
         accelerator=accelerator,
@@ -105,6 +110,8 @@ def launched_ranks(fabric: Fabric) -> list[int]:
 def job_store() -> dist.Store | None:
     """The default process group's key-value store, where there are several ranks: for what the ranks
     share without a collective (the progress count, a stop request), so that no rank waits on it."""
+    import torch.distributed as dist
+
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return None
     return dist.distributed_c10d._get_default_store()

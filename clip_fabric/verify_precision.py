@@ -3,27 +3,27 @@ zero-shot labels move, and what the speed and memory gain is."""
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from lightning.fabric import Fabric
-from lightning.fabric.plugins.precision import Precision
-from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from typing_extensions import TYPE_CHECKING  # noqa: UP035 - not typing's: see below
 
 from clip_fabric.config import DataArgs, ModelArgs, ZeroShotArgs
 from clip_fabric.data import build_source
-from clip_fabric.data.decode import CpuDecoder
 from clip_fabric.data.sizing import resolve_num_workers
-from clip_fabric.data.stream import ShardStream
 from clip_fabric.launch import build_fabric
-from clip_fabric.model import Embedder, check_model, load_model
-from clip_fabric.precision import Fp32Precision, build_precision, choose_auto, device_capability
-from clip_fabric.zeroshot import build_classifier, load_class_names, load_templates
+from clip_fabric.precision import build_precision, choose_auto, device_capability
+
+# torch, Lightning and open_clip are imported by the functions that use them, so that --help and the
+# other commands do not wait for them (docs/startup.md).
+# The guard is typing_extensions': jsonargparse runs the typing.TYPE_CHECKING blocks of the modules
+# whose signatures it reads, which would import them for --help.
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
+    from lightning.fabric.plugins.precision import Precision
+    from torch import Tensor, nn
 
 COLUMNS = (
     ("precision", "{}"),
@@ -65,6 +65,10 @@ def setup(
     Returns:
         The report: model, device, input counts and one row per precision.
     """
+    from clip_fabric.model import check_model, load_model
+    from clip_fabric.precision.plugins import Fp32Precision
+    from clip_fabric.zeroshot import load_class_names, load_templates
+
     if data.batch_size == "auto":
         raise ValueError("verify-precision times fixed batches: give --data.batch_size a number")
     names = [name.strip() for name in precision.split(",") if name.strip()]
@@ -122,6 +126,11 @@ def format_table(report: dict) -> str:
 
 def _decode_inputs(data: DataArgs, preprocess: Callable, tokenizer: Callable) -> tuple[list, list]:
     """All batches of images and captions of ``data``, decoded once so that timing sees only the model."""
+    from torch.utils.data import DataLoader
+
+    from clip_fabric.data.decode import CpuDecoder
+    from clip_fabric.data.stream import ShardStream
+
     source = build_source(data)
     shards = source.shards()
     stream = ShardStream(
@@ -149,6 +158,13 @@ def _measure(
     classes: tuple,
 ) -> dict:
     """Embeddings, zero-shot labels, throughput and peak memory of ``clip`` under ``plugin``."""
+    import copy
+
+    import torch
+
+    from clip_fabric.model import Embedder
+    from clip_fabric.zeroshot import build_classifier
+
     fabric = build_fabric(accelerator, devices=1, precision=plugin)
     # A copy per precision: the plugins convert the module in place.
     encoder = fabric.setup_module(Embedder(copy.deepcopy(clip)))
@@ -186,6 +202,8 @@ def _timed(
 ) -> tuple[Tensor, float]:
     """Encode all batches (already on the device) ``repeats`` times; the fastest pass's seconds, until the
     last result is ready (the best of several passes is the least disturbed by the rest of the machine)."""
+    import torch
+
     cuda = fabric.device.type == "cuda"
     best = float("inf")
     for _ in range(repeats):

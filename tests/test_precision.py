@@ -303,18 +303,18 @@ def test_transformer_engine_status_says_why(monkeypatch):
         return object() if name == "transformer_engine" else real_find_spec(name, *args)
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    ok, why = prec.fp8.transformer_engine_status()
+    ok, why = prec.fp8_support.transformer_engine_status()
     assert not ok and "not installed" in why
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     monkeypatch.setitem(sys.modules, "transformer_engine", types_module("transformer_engine"))
     monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)  # the extension fails to import
-    ok, why = prec.fp8.transformer_engine_status()
+    ok, why = prec.fp8_support.transformer_engine_status()
     assert not ok and "installed but its PyTorch extension does not load" in why and "\n" not in why
 
     _fake_transformer_engine(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert prec.fp8.transformer_engine_status() == (
+    assert prec.fp8_support.transformer_engine_status() == (
         False,
         "transformer_engine 9.9 loads, but no CUDA GPU is visible",
     )
@@ -322,14 +322,15 @@ def test_transformer_engine_status_says_why(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "GPU-X")
     _fake_transformer_engine(monkeypatch, (False, "Device compute capability 8.9 or higher required"))
-    ok, why = prec.fp8.transformer_engine_status()
+    ok, why = prec.fp8_support.transformer_engine_status()
     assert not ok and why.endswith(
         "FP8 is unavailable on GPU-X: Device compute capability 8.9 or higher required"
     )
 
     _fake_transformer_engine(monkeypatch)
-    assert prec.fp8.transformer_engine_status() == (True, "transformer_engine 9.9: FP8 available on GPU-X")
-    assert prec.fp8.fp8_backend() == "transformer_engine"
+    ok, why = prec.fp8_support.transformer_engine_status()
+    assert (ok, why) == (True, "transformer_engine 9.9: FP8 available on GPU-X")
+    assert prec.fp8_support.fp8_backend() == "transformer_engine"
 
 
 def types_module(name: str):
@@ -441,7 +442,7 @@ def test_cuda_half_keeps_projections_fp32(tiny_model, name):
 @pytest.mark.gpu
 def test_cuda_fp8_builds_or_says_why():
     capability = torch.cuda.get_device_capability()
-    if capability >= (8, 9) and prec.fp8.fp8_backend() is not None:
+    if capability >= (8, 9) and prec.fp8_support.fp8_backend() is not None:
         assert prec.build_precision("fp8") is not None
     else:
         with pytest.raises(ValueError, match="--precision fp8 .*needs") as err:
