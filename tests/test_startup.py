@@ -44,3 +44,19 @@ def test_help_of_every_command_imports_no_torch():
 @pytest.mark.slow
 def test_doctor_imports_torch_but_not_lightning_or_open_clip():
     assert imported(["doctor", "--json", "true"]) == ["torch"]
+
+
+@pytest.mark.slow
+def test_exit_skips_the_final_collection():
+    """At exit the objects torch and open_clip made are frozen out of the last garbage collections,
+    which took about a second of a short run's exit (docs/startup.md)."""
+    probe = (
+        "import atexit, gc\nfrom clip_fabric.__main__ import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "assert gc.get_freeze_count() == 0\natexit._run_exitfuncs()\nprint(gc.get_freeze_count() > 0)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "True"
