@@ -75,24 +75,12 @@ def setup(
     Returns:
         The report (also written to ``output``).
     """
-    if strategy in UNSUPPORTED_STRATEGIES:
-        raise ValueError(
-            f"--strategy {strategy} is not supported by evaluate (its text ranks only serve image-caption "
-            "pairs); use ddp, model_parallel or tensor_parallel"
-        )
-    if Path(output).is_dir():
-        raise ValueError(f"--output {output!r} is a folder; give the path of a JSON file")
     from clip_fabric.model import check_model
-    from clip_fabric.zeroshot import load_templates
 
+    _check_options(strategy, output)
     check_model(model)
     source = build_source(data)
-    classes, prompt_templates = None, None
-    if task == "zeroshot":
-        classes = _class_names(source, data, class_names)
-        prompt_templates = load_templates(templates, "--templates")
-    elif class_names is not None:
-        raise ValueError("--class_names is for --task zeroshot; retrieval matches each image to its caption")
+    classes, prompt_templates = _task_inputs(task, source, data, class_names, templates)
     config = {
         "task": task,
         "model": asdict(model),
@@ -110,6 +98,30 @@ def setup(
         tensor_parallel_size=tensor_parallel_size,
     )  # fmt: skip
     return fabric.launch(main, source, model, data, task, classes, prompt_templates, Path(output), config)
+
+
+def _check_options(strategy: str, output: str) -> None:
+    if strategy in UNSUPPORTED_STRATEGIES:
+        raise ValueError(
+            f"--strategy {strategy} is not supported by evaluate (its text ranks only serve image-caption "
+            "pairs); use ddp, model_parallel or tensor_parallel"
+        )
+    if Path(output).is_dir():
+        raise ValueError(f"--output {output!r} is a folder; give the path of a JSON file")
+
+
+def _task_inputs(
+    task: Task, source: Source, data: DataArgs, class_names: str | None, templates: str
+) -> tuple[list[str] | None, list | None]:
+    """``zeroshot``: the class names (checked against the data's labels) and the prompt templates;
+    ``retrieval`` needs neither."""
+    from clip_fabric.zeroshot import load_templates
+
+    if task == "zeroshot":
+        return _class_names(source, data, class_names), load_templates(templates, "--templates")
+    if class_names is not None:
+        raise ValueError("--class_names is for --task zeroshot; retrieval matches each image to its caption")
+    return None, None
 
 
 def main(
@@ -157,16 +169,10 @@ def main(
         else:
             metrics, samples, errors = _retrieval(fabric, encoder, loader, counts, progress)
     progress.close()
-    report = {
-        "task": task,
-        "metrics": metrics,
-        "counts": {"samples": samples, "skipped": errors} | ({"classes": len(classes)} if classes else {}),
-        "model": config["model"],
-        "precision": config["precision"],
-        "strategy": config["strategy"],
-        "world_size": fabric.world_size,
-        "config": config,
-    }
+    totals = {"samples": samples, "skipped": errors} | ({"classes": len(classes)} if classes else {})
+    report = {"task": task, "metrics": metrics, "counts": totals, "model": config["model"]}
+    report |= {k: config[k] for k in ("precision", "strategy")} | {"world_size": fabric.world_size}
+    report["config"] = config
     if fabric.global_rank == 0:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(report, indent=2, default=str))

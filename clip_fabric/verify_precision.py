@@ -65,23 +65,12 @@ def setup(
     Returns:
         The report: model, device, input counts and one row per precision.
     """
-    from clip_fabric.model import check_model, load_model
     from clip_fabric.precision.plugins import Fp32Precision
-    from clip_fabric.zeroshot import load_class_names, load_templates
 
     if data.batch_size == "auto":
         raise ValueError("verify-precision times fixed batches: give --data.batch_size a number")
-    names = [name.strip() for name in precision.split(",") if name.strip()]
-    if not names:
-        raise ValueError("--precision is empty: give one name or several, comma-separated")
-    # Every plugin is built before any work, so an impossible one (fp8 on an A100) fails at once.
-    plugins = {name: build_precision(name, tf32, accelerator) for name in names}
-    check_model(model)
-    class_names, templates = load_class_names(zeroshot.class_names), load_templates(zeroshot.templates)
-
-    clip, preprocess, tokenizer = load_model(model)
-    images, texts = _decode_inputs(data, preprocess, tokenizer)
-    classes = (tokenizer, class_names, templates, data.batch_size)
+    plugins = _plugins(precision, tf32, accelerator)
+    clip, images, texts, classes = _inputs(model, data, zeroshot)
 
     reference = _measure(Fp32Precision(tf32=False), accelerator, clip, images, texts, classes)
     capability, device_name = device_capability(accelerator)
@@ -98,7 +87,7 @@ def setup(
         "tf32": tf32,
         "num_images": sum(len(b) for b in images),
         "num_texts": sum(len(b) for b in texts),
-        "num_classes": len(class_names),
+        "num_classes": len(classes[1]),
         "reference": {k: reference[k] for k in ("images_per_s", "texts_per_s", "peak_memory_mb")},
         "rows": rows,
     }
@@ -107,6 +96,28 @@ def setup(
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(report, indent=2))
     return report
+
+
+def _plugins(precision: str, tf32: bool, accelerator: str) -> dict[str, Precision]:
+    """The plugin of each comma-separated ``--precision`` name, all built before any work, so that an
+    impossible one (fp8 on an A100) fails at once."""
+    names = [name.strip() for name in precision.split(",") if name.strip()]
+    if not names:
+        raise ValueError("--precision is empty: give one name or several, comma-separated")
+    return {name: build_precision(name, tf32, accelerator) for name in names}
+
+
+def _inputs(model: ModelArgs, data: DataArgs, zeroshot: ZeroShotArgs) -> tuple[nn.Module, list, list, tuple]:
+    """The model, its decoded image and caption batches, and what ``build_classifier`` takes besides the
+    text encoder (tokenizer, class names, templates, batch size); the options are checked first."""
+    from clip_fabric.model import check_model, load_model
+    from clip_fabric.zeroshot import load_class_names, load_templates
+
+    check_model(model)
+    class_names, templates = load_class_names(zeroshot.class_names), load_templates(zeroshot.templates)
+    clip, preprocess, tokenizer = load_model(model)
+    images, texts = _decode_inputs(data, preprocess, tokenizer)
+    return clip, images, texts, (tokenizer, class_names, templates, data.batch_size)
 
 
 def format_table(report: dict) -> str:
