@@ -126,15 +126,6 @@ def test_other_precisions_keep_the_exact_gelu(tiny_model, name):
     assert any(type(m) is nn.GELU for m in model.modules())
 
 
-def test_torchao_fp8_keeps_the_exact_gelu():
-    """torchao's FP8 plugin (kept for experiments; ``--precision fp8`` is Transformer Engine) lowers to bf16
-    through the bf16-true plugin without the epilogue: it keeps open_clip's GELU."""
-    from clip_fabric.precision.fp8 import TorchAOFloat8Precision
-
-    assert prec.build_precision("bf16-true", accelerator="cpu").gelu_epilogue
-    assert not TorchAOFloat8Precision().gelu_epilogue
-
-
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_gelu_computes_the_tanh_gelu_off_cuda(bias):
     """The unfused path: what CPU runs (torch's CPU ``_addmm_activation`` would compute the exact GELU);
