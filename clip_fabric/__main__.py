@@ -7,6 +7,8 @@ status: 0 done, 1 a one-line error, 2 a command-line error; ``predict`` also 3 (
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import sys
 
@@ -28,6 +30,10 @@ COMMANDS = {
 
 @stops_end_cleanly  # SIGTERM, SIGUSR1 or Ctrl-C in set-up: one line and exit 75, as in the loop
 def main(args: list[str] | None = None) -> None:
+    # Exit without the final garbage collection over every object torch and open_clip made: about a
+    # second of a short run, for nothing (docs/startup.md).
+    atexit.unregister(gc.freeze)  # once, however often main runs in one process (the tests)
+    atexit.register(gc.freeze)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("clip_fabric").setLevel(logging.INFO)
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings become --help text

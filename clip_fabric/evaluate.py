@@ -12,22 +12,21 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
-import torch
-from lightning.fabric import Fabric
-from torch import Tensor
-from torchmetrics import MeanMetric, Metric
-from torchmetrics.classification import MulticlassAccuracy
-from tqdm import tqdm
+from typing_extensions import TYPE_CHECKING  # noqa: UP035 - not typing's: see below
 
 from clip_fabric.config import DataArgs, ModelArgs
 from clip_fabric.data import Source, build_source
-from clip_fabric.data.pipeline import choose_batch_size, device_batches, resolve_decode
-from clip_fabric.encode import ChunkedEmbedder
 from clip_fabric.launch import build_fabric, die_with_launcher, launch_docs
-from clip_fabric.model import Embedder, check_model, load_model
 from clip_fabric.modes import MODES
-from clip_fabric.strategies import hooks
-from clip_fabric.zeroshot import load_class_names, load_templates, sharded_classifier
+
+# torch, Lightning, torchmetrics and open_clip are imported by the functions that use them, so that
+# --help and the other commands do not wait for them (docs/startup.md).
+# The guard is typing_extensions': jsonargparse runs the typing.TYPE_CHECKING blocks of the modules
+# whose signatures it reads, which would import them for --help.
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
+    from torch import Tensor
+    from torchmetrics import Metric
 
 log = logging.getLogger(__name__)
 Task = Literal["zeroshot", "retrieval"]
@@ -76,21 +75,12 @@ def setup(
     Returns:
         The report (also written to ``output``).
     """
-    if strategy in UNSUPPORTED_STRATEGIES:
-        raise ValueError(
-            f"--strategy {strategy} is not supported by evaluate (its text ranks only serve image-caption "
-            "pairs); use ddp, model_parallel or tensor_parallel"
-        )
-    if Path(output).is_dir():
-        raise ValueError(f"--output {output!r} is a folder; give the path of a JSON file")
+    from clip_fabric.model import check_model
+
+    _check_options(strategy, output)
     check_model(model)
     source = build_source(data)
-    classes, prompt_templates = None, None
-    if task == "zeroshot":
-        classes = _class_names(source, data, class_names)
-        prompt_templates = load_templates(templates)
-    elif class_names is not None:
-        raise ValueError("--class_names is for --task zeroshot; retrieval matches each image to its caption")
+    classes, prompt_templates = _task_inputs(task, source, data, class_names, templates)
     config = {
         "task": task,
         "model": asdict(model),
@@ -110,6 +100,30 @@ def setup(
     return fabric.launch(main, source, model, data, task, classes, prompt_templates, Path(output), config)
 
 
+def _check_options(strategy: str, output: str) -> None:
+    if strategy in UNSUPPORTED_STRATEGIES:
+        raise ValueError(
+            f"--strategy {strategy} is not supported by evaluate (its text ranks only serve image-caption "
+            "pairs); use ddp, model_parallel or tensor_parallel"
+        )
+    if Path(output).is_dir():
+        raise ValueError(f"--output {output!r} is a folder; give the path of a JSON file")
+
+
+def _task_inputs(
+    task: Task, source: Source, data: DataArgs, class_names: str | None, templates: str
+) -> tuple[list[str] | None, list | None]:
+    """``zeroshot``: the class names (checked against the data's labels) and the prompt templates;
+    ``retrieval`` needs neither."""
+    from clip_fabric.zeroshot import load_templates
+
+    if task == "zeroshot":
+        return _class_names(source, data, class_names), load_templates(templates, "--templates")
+    if class_names is not None:
+        raise ValueError("--class_names is for --task zeroshot; retrieval matches each image to its caption")
+    return None, None
+
+
 def main(
     fabric: Fabric,
     source: Source,
@@ -121,6 +135,14 @@ def main(
     output: Path,
     config: dict,
 ) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from clip_fabric.data.pipeline import choose_batch_size, device_batches, resolve_decode
+    from clip_fabric.encode import ChunkedEmbedder
+    from clip_fabric.model import Embedder, load_model
+    from clip_fabric.strategies import hooks
+
     die_with_launcher(fabric.local_rank)
     model, preprocess, tokenizer = load_model(model_args)
     # Split like predict's, so a batch that runs out of memory is retried in halves, not lost.
@@ -147,16 +169,10 @@ def main(
         else:
             metrics, samples, errors = _retrieval(fabric, encoder, loader, counts, progress)
     progress.close()
-    report = {
-        "task": task,
-        "metrics": metrics,
-        "counts": {"samples": samples, "skipped": errors} | ({"classes": len(classes)} if classes else {}),
-        "model": config["model"],
-        "precision": config["precision"],
-        "strategy": config["strategy"],
-        "world_size": fabric.world_size,
-        "config": config,
-    }
+    totals = {"samples": samples, "skipped": errors} | ({"classes": len(classes)} if classes else {})
+    report = {"task": task, "metrics": metrics, "counts": totals, "model": config["model"]}
+    report |= {k: config[k] for k in ("precision", "strategy")} | {"world_size": fabric.world_size}
+    report["config"] = config
     if fabric.global_rank == 0:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(report, indent=2, default=str))
@@ -167,6 +183,11 @@ def main(
 
 def _zeroshot(fabric, encoder, tokenizer, loader, classes, templates, data, counts, progress):
     """Top-k accuracy of ``argmax(image @ classifier.T)``; torchmetrics sums the counts over ranks."""
+    import torch
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from clip_fabric.zeroshot import sharded_classifier
+
     weights = sharded_classifier(
         fabric, lambda tokens: encoder(None, fabric.to_device(tokens))["text"], tokenizer, classes, templates,
         encoder.max_batch,
@@ -198,6 +219,8 @@ def _zeroshot(fabric, encoder, tokenizer, loader, classes, templates, data, coun
 def _retrieval(fabric, encoder, loader, counts, progress):
     """Recall@k both ways over the whole set: every rank gathers all candidates, ranks its own queries
     against them, and torchmetrics averages the hits over ranks."""
+    from torchmetrics import MeanMetric
+
     images, texts, errors = [], [], 0
     for batch in loader:
         errors += len(batch.errors) * counts
@@ -229,6 +252,8 @@ def _retrieval(fabric, encoder, loader, counts, progress):
 def _gather_rows(fabric: Fabric, parts: list[Tensor]) -> tuple[Tensor, int]:
     """All ranks' rows in rank order, and where this rank's rows start. Ranks hold uneven counts, and
     ``all_gather`` needs equal shapes, so each pads to the largest count and the padding is cut after."""
+    import torch
+
     local = torch.cat(parts) if parts else None
     shape = torch.tensor([len(local), local.shape[1]] if local is not None else [0, 0], device=fabric.device)
     if fabric.world_size == 1:
@@ -246,6 +271,8 @@ def _gather_rows(fabric: Fabric, parts: list[Tensor]) -> tuple[Tensor, int]:
 def _rank_of_match(queries: Tensor, candidates: Tensor, first: int) -> Tensor:
     """For query ``i`` (global row ``first + i``), how many candidates score strictly above its own match,
     candidate ``first + i``: recall@k counts the queries where this is below k (a tie counts as found)."""
+    import torch
+
     if not len(queries):
         return torch.zeros(0, device=queries.device)
     scores = queries @ candidates.T
@@ -271,13 +298,15 @@ def _label(row: dict, class_index: dict[str, int]) -> int:
 
 def _class_names(source: Source, data: DataArgs, spec: str | None) -> list[str]:
     """The names whose prompts make the classifier, in label order; checked against the data's labels."""
+    from clip_fabric.zeroshot import load_class_names
+
     if data.format == "webdataset":
         if spec is None:
             raise ValueError(
                 "--task zeroshot on webdataset needs --class_names (imagenet or a file of names, one a line, "
                 "line i for cls i)"
             )
-        return load_class_names(spec)
+        return load_class_names(spec, "--class_names")
     if data.format != "folder":
         raise ValueError(
             f"--task zeroshot needs labelled data: --data.format folder (one sub-folder per class) or "
@@ -294,7 +323,7 @@ def _class_names(source: Source, data: DataArgs, spec: str | None) -> list[str]:
         raise ValueError(f"--data.source {data.source}: no images in class sub-folders")
     if spec is None:
         return folders
-    names = load_class_names(spec)
+    names = load_class_names(spec, "--class_names")
     if len(names) != len(folders):
         raise ValueError(
             f"--class_names {spec} has {len(names)} names but --data.source has {len(folders)} class "
@@ -305,6 +334,8 @@ def _class_names(source: Source, data: DataArgs, spec: str | None) -> list[str]:
 
 def _sum(fabric: Fabric, samples: int, errors: int) -> tuple[int, int]:
     """Samples and skipped samples over all ranks; every rank stops alike when there is nothing to measure."""
+    import torch
+
     total = fabric.all_reduce(torch.tensor([samples, errors], device=fabric.device), reduce_op="sum")
     samples, errors = int(total[0]), int(total[1])
     if samples == 0:

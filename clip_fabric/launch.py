@@ -9,14 +9,14 @@ import signal
 import textwrap
 import warnings
 from collections.abc import Callable
-from typing import TypeVar
-
-import torch.distributed as dist
-from lightning.fabric import Fabric
-from lightning.fabric.plugins.precision import Precision
+from typing import TYPE_CHECKING, TypeVar
 
 from clip_fabric.precision import build_precision
-from clip_fabric.strategies import build_strategy
+
+if TYPE_CHECKING:  # imported where used: the commands' modules import this one for --help
+    import torch.distributed as dist
+    from lightning.fabric import Fabric
+    from lightning.fabric.plugins.precision import Precision
 
 LAUNCH_OPTIONS: dict[str, str] = {
     "accelerator": "Fabric accelerator: ``cpu``, ``cuda``, ``gpu`` or ``auto``.",
@@ -69,6 +69,11 @@ def build_fabric(
 ) -> Fabric:
     """The Fabric of a command, with its layout and precision validated before any process starts;
     ``precision`` is a ``--precision`` name or a plugin already built."""
+    from lightning.fabric import Fabric
+    from lightning.fabric.plugins.precision import Precision
+
+    from clip_fabric.strategies import build_strategy
+
     plugin = precision if isinstance(precision, Precision) else build_precision(precision, tf32, accelerator)
     with warnings.catch_warnings():
         # Lightning's "srun is available but not used" hint, on every run of a machine with Slurm
@@ -112,6 +117,8 @@ def launched_ranks(fabric: Fabric) -> list[int]:
 def job_store() -> dist.Store | None:
     """The default process group's key-value store, where there are several ranks: for what the ranks
     share without a collective (the progress count, a stop request), so that no rank waits on it."""
+    import torch.distributed as dist
+
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return None
     return dist.distributed_c10d._get_default_store()

@@ -10,26 +10,29 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
-import torch
-from lightning.fabric import Fabric
+from typing_extensions import TYPE_CHECKING  # noqa: UP035 - not typing's: see below
 
 from clip_fabric.config import DataArgs, ModelArgs, OutputArgs, ZeroShotArgs
 from clip_fabric.data import Shard, Source, build_source
-from clip_fabric.data.pipeline import choose_batch_size, device_batches, resolve_decode
 from clip_fabric.data.sizing import resolve_num_workers
-from clip_fabric.encode import DEFAULT_BATCH_SIZE, ChunkedEmbedder, encode_in_order
 from clip_fabric.launch import build_fabric, die_with_launcher, job_store, launch_docs, launched_ranks
-from clip_fabric.model import Embedder, check_model, hf_hub_revision, load_model
 from clip_fabric.modes import MODES, Mode, ModeName
-from clip_fabric.precision import resolve_precision
+from clip_fabric.precision import resolve_precision, tf32_fingerprint
 from clip_fabric.preemption import JobStop, StopRequest, requeue_slurm_job
 from clip_fabric.progress import Progress, final_line, phase, process_seconds
 from clip_fabric.reasons import folder_reasons
 from clip_fabric.run_folder import SUMMARY_FILE, RunFolder, fingerprint
-from clip_fabric.strategies import hooks, strategy_class
 from clip_fabric.topology import TowerLayout
-from clip_fabric.writers import ShardWriter
-from clip_fabric.zeroshot import load_class_names, load_templates, sharded_classifier
+
+# torch, Lightning and open_clip are imported by the functions that use them, so that --help and the
+# other commands do not wait for them (docs/startup.md).
+# The guard is typing_extensions': jsonargparse runs the typing.TYPE_CHECKING blocks of the modules
+# whose signatures it reads, which would import them for --help.
+if TYPE_CHECKING:
+    import torch
+    from lightning.fabric import Fabric
+
+    from clip_fabric.encode import ChunkedEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,10 @@ def setup(
     Returns:
         The run summary (also written to ``<output.dir>/summary.json``).
     """
+    from clip_fabric.model import check_model, hf_hub_revision
+    from clip_fabric.strategies import strategy_class
+    from clip_fabric.zeroshot import load_class_names, load_templates
+
     started = time.perf_counter()
     job_mode = MODES[mode]
     cls = strategy_class(strategy, devices, num_nodes)
@@ -106,7 +113,8 @@ def setup(
         "fingerprint": fingerprint(
             model, data, output, mode, resolve_precision(precision, accelerator), hf_hub_revision(model)
         )
-        | {"threshold": threshold, "zeroshot": asdict(zeroshot) if job_mode.labels else None},
+        | {"threshold": threshold, "zeroshot": asdict(zeroshot) if job_mode.labels else None}
+        | tf32_fingerprint(precision, tf32, accelerator, float32_logits=job_mode.labels),
         "config": {
             "model": asdict(model),
             "data": asdict(data),
@@ -140,6 +148,14 @@ def main(fabric: Fabric, job: Job) -> dict:
     """One rank's run. A stop signal is caught from here to the end, not only in the loop: one that lands
     while the ranks meet for the summary (a rank done early) must not kill that rank with the default
     action, which fails the other ranks in their collectives."""
+    import torch
+
+    from clip_fabric.data.pipeline import choose_batch_size, device_batches, resolve_decode
+    from clip_fabric.encode import encode_in_order
+    from clip_fabric.model import load_model
+    from clip_fabric.strategies import hooks
+    from clip_fabric.writers import ShardWriter
+
     die_with_launcher(fabric.local_rank)
     with StopRequest(lambda: launched_ranks(fabric)) as stop:
         folder, strategy = RunFolder(job.output.dir), hooks(fabric.strategy)
@@ -189,6 +205,11 @@ def _build_embedder(
 ) -> tuple[ChunkedEmbedder, list[str] | None]:
     """The set-up embedder of this mode's outputs; in ``zeroshot`` with its classifier, built once by all
     ranks together, and the class names."""
+    from clip_fabric.encode import DEFAULT_BATCH_SIZE, ChunkedEmbedder
+    from clip_fabric.model import Embedder
+    from clip_fabric.strategies import hooks
+    from clip_fabric.zeroshot import load_class_names, load_templates, sharded_classifier
+
     module = fabric.setup_module(Embedder(model, job.mode.encoder_outputs, job.zeroshot.top_k))
     embedder = ChunkedEmbedder(module, DEFAULT_BATCH_SIZE, hooks(fabric.strategy).retries_oom)
     if not job.mode.labels:
@@ -248,6 +269,8 @@ def _finish(
     stopped: bool,
 ) -> dict:
     """The job's summary, written by rank 0: totals of every shard done so far and this run's figures."""
+    import torch
+
     end = time.perf_counter()
     wall, loop = process_seconds(job.started), end - progress.started
     rate = progress.steady_rate(end)

@@ -3,27 +3,27 @@ zero-shot labels move, and what the speed and memory gain is."""
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from lightning.fabric import Fabric
-from lightning.fabric.plugins.precision import Precision
-from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from typing_extensions import TYPE_CHECKING  # noqa: UP035 - not typing's: see below
 
 from clip_fabric.config import DataArgs, ModelArgs, ZeroShotArgs
 from clip_fabric.data import build_source
-from clip_fabric.data.decode import CpuDecoder
 from clip_fabric.data.sizing import resolve_num_workers
-from clip_fabric.data.stream import ShardStream
 from clip_fabric.launch import build_fabric
-from clip_fabric.model import Embedder, check_model, load_model
-from clip_fabric.precision import Fp32Precision, build_precision, choose_auto, device_capability
-from clip_fabric.zeroshot import build_classifier, load_class_names, load_templates
+from clip_fabric.precision import build_precision, choose_auto, device_capability
+
+# torch, Lightning and open_clip are imported by the functions that use them, so that --help and the
+# other commands do not wait for them (docs/startup.md).
+# The guard is typing_extensions': jsonargparse runs the typing.TYPE_CHECKING blocks of the modules
+# whose signatures it reads, which would import them for --help.
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
+    from lightning.fabric.plugins.precision import Precision
+    from torch import Tensor, nn
 
 COLUMNS = (
     ("precision", "{}"),
@@ -65,19 +65,12 @@ def setup(
     Returns:
         The report: model, device, input counts and one row per precision.
     """
+    from clip_fabric.precision.plugins import Fp32Precision
+
     if data.batch_size == "auto":
         raise ValueError("verify-precision times fixed batches: give --data.batch_size a number")
-    names = [name.strip() for name in precision.split(",") if name.strip()]
-    if not names:
-        raise ValueError("--precision is empty: give one name or several, comma-separated")
-    # Every plugin is built before any work, so an impossible one (fp8 on an A100) fails at once.
-    plugins = {name: build_precision(name, tf32, accelerator) for name in names}
-    check_model(model)
-    class_names, templates = load_class_names(zeroshot.class_names), load_templates(zeroshot.templates)
-
-    clip, preprocess, tokenizer = load_model(model)
-    images, texts = _decode_inputs(data, preprocess, tokenizer)
-    classes = (tokenizer, class_names, templates, data.batch_size)
+    plugins = _plugins(precision, tf32, accelerator)
+    clip, images, texts, classes = _inputs(model, data, zeroshot)
 
     reference = _measure(Fp32Precision(tf32=False), accelerator, clip, images, texts, classes)
     capability, device_name = device_capability(accelerator)
@@ -94,7 +87,7 @@ def setup(
         "tf32": tf32,
         "num_images": sum(len(b) for b in images),
         "num_texts": sum(len(b) for b in texts),
-        "num_classes": len(class_names),
+        "num_classes": len(classes[1]),
         "reference": {k: reference[k] for k in ("images_per_s", "texts_per_s", "peak_memory_mb")},
         "rows": rows,
     }
@@ -103,6 +96,28 @@ def setup(
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(report, indent=2))
     return report
+
+
+def _plugins(precision: str, tf32: bool, accelerator: str) -> dict[str, Precision]:
+    """The plugin of each comma-separated ``--precision`` name, all built before any work, so that an
+    impossible one (fp8 on an A100) fails at once."""
+    names = [name.strip() for name in precision.split(",") if name.strip()]
+    if not names:
+        raise ValueError("--precision is empty: give one name or several, comma-separated")
+    return {name: build_precision(name, tf32, accelerator) for name in names}
+
+
+def _inputs(model: ModelArgs, data: DataArgs, zeroshot: ZeroShotArgs) -> tuple[nn.Module, list, list, tuple]:
+    """The model, its decoded image and caption batches, and what ``build_classifier`` takes besides the
+    text encoder (tokenizer, class names, templates, batch size); the options are checked first."""
+    from clip_fabric.model import check_model, load_model
+    from clip_fabric.zeroshot import load_class_names, load_templates
+
+    check_model(model)
+    class_names, templates = load_class_names(zeroshot.class_names), load_templates(zeroshot.templates)
+    clip, preprocess, tokenizer = load_model(model)
+    images, texts = _decode_inputs(data, preprocess, tokenizer)
+    return clip, images, texts, (tokenizer, class_names, templates, data.batch_size)
 
 
 def format_table(report: dict) -> str:
@@ -122,6 +137,11 @@ def format_table(report: dict) -> str:
 
 def _decode_inputs(data: DataArgs, preprocess: Callable, tokenizer: Callable) -> tuple[list, list]:
     """All batches of images and captions of ``data``, decoded once so that timing sees only the model."""
+    from torch.utils.data import DataLoader
+
+    from clip_fabric.data.decode import CpuDecoder
+    from clip_fabric.data.stream import ShardStream
+
     source = build_source(data)
     shards = source.shards()
     stream = ShardStream(
@@ -149,6 +169,13 @@ def _measure(
     classes: tuple,
 ) -> dict:
     """Embeddings, zero-shot labels, throughput and peak memory of ``clip`` under ``plugin``."""
+    import copy
+
+    import torch
+
+    from clip_fabric.model import Embedder
+    from clip_fabric.zeroshot import build_classifier
+
     fabric = build_fabric(accelerator, devices=1, precision=plugin)
     # A copy per precision: the plugins convert the module in place.
     encoder = fabric.setup_module(Embedder(copy.deepcopy(clip)))
@@ -186,6 +213,8 @@ def _timed(
 ) -> tuple[Tensor, float]:
     """Encode all batches (already on the device) ``repeats`` times; the fastest pass's seconds, until the
     last result is ready (the best of several passes is the least disturbed by the rest of the machine)."""
+    import torch
+
     cuda = fabric.device.type == "cuda"
     best = float("inf")
     for _ in range(repeats):

@@ -21,29 +21,30 @@ BUILTIN_TEMPLATES: dict[str, Sequence[Template]] = {
 }
 
 
-def load_class_names(spec: str) -> list[str]:
+def load_class_names(spec: str, option: str = "--zeroshot.class_names") -> list[str]:
     """``imagenet`` (open_clip's 1000 names, in the sorted-synset order of ImageNet folders) or a text
-    file of one class name per line, in label order."""
+    file of one class name per line, in label order. ``option``: the command's name for ``spec``, for
+    the errors."""
     if spec in BUILTIN_CLASS_NAMES:
         return list(BUILTIN_CLASS_NAMES[spec])
-    names = [line.strip() for line in _read_lines(spec, "--class_names", BUILTIN_CLASS_NAMES)]
+    names = [line.strip() for line in _read_lines(spec, option, BUILTIN_CLASS_NAMES)]
     if len(set(names)) != len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"--class_names {spec}: class names must be distinct; repeated: {', '.join(twice)}")
+        raise ValueError(f"{option} {spec}: class names must be distinct; repeated: {', '.join(twice)}")
     return names
 
 
-def load_templates(spec: str) -> list[Template]:
+def load_templates(spec: str, option: str = "--zeroshot.templates") -> list[Template]:
     """``openai`` (80 prompts), ``simple`` (7) or a text file of one prompt per line with ``{}`` where the
-    class name goes."""
+    class name goes. ``option``: the command's name for ``spec``, for the errors."""
     if spec in BUILTIN_TEMPLATES:
         return list(BUILTIN_TEMPLATES[spec])
-    lines = _read_lines(spec, "--templates", BUILTIN_TEMPLATES)
+    lines = _read_lines(spec, option, BUILTIN_TEMPLATES)
     for number, line in enumerate(lines, 1):
         rest = line.replace("{}", "", 1)
         if "{}" not in line or "{" in rest or "}" in rest:  # str.format would fail or drop the name
             raise ValueError(
-                f"--templates {spec} line {number} {line!r}: each template needs exactly one {{}} where the "
+                f"{option} {spec} line {number} {line!r}: each template needs exactly one {{}} where the "
                 "class name goes, and no other braces"
             )
     return [line.format for line in lines]

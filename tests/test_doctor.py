@@ -133,6 +133,11 @@ def test_nodelist_and_tasks_per_node_as_slurm_writes_them():
 
 
 def test_rendezvous_host_is_fabrics_first_node_or_master_addr():
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    for nodelist in ("gpu[004-007],cpu1", "node7", "a1,b[2-3]", "n[7]", "n[08,10-12]", "gpu[1-2]-ib,x"):
+        fabrics = SLURMEnvironment.resolve_root_node_address(nodelist)
+        assert doctor.rendezvous_host({"SLURM_NODELIST": nodelist}) == fabrics, nodelist
     assert doctor.rendezvous_host({"SLURM_NODELIST": "gpu[004-007],cpu1"}) == "gpu004"
     assert doctor.rendezvous_host({"SLURM_NODELIST": "a[1-2]", "MASTER_ADDR": "10.0.0.9"}) == "10.0.0.9"
     assert doctor.rendezvous_host({}) is None

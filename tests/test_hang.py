@@ -38,12 +38,20 @@ main(sys.argv[1:])
 
 
 class _Pids(IterableDataset):
-    """Yields its worker's pid, forever: a worker that is always busy."""
+    """Yields its worker's pid and the time, forever: a worker that is always busy."""
 
     def __iter__(self):
         while True:
             time.sleep(0.01)
-            yield os.getpid()
+            yield os.getpid(), time.monotonic()  # CLOCK_MONOTONIC: one clock for every process
+
+
+def _pending(pid: int) -> set[signal.Signals]:
+    """The stop signals sent to ``pid`` that none of its threads has taken yet."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    mask = int(fields["ShdPnd"], 16) | int(fields["SigPnd"], 16)
+    return {sig for sig in (signal.SIGTERM, signal.SIGUSR1) if mask >> (sig - 1) & 1}
 
 
 def _alive(pid: int) -> bool:
@@ -59,12 +67,21 @@ def _alive(pid: int) -> bool:
 def test_worker_ignores_others_stop_signals_but_not_its_ranks():
     loader = DataLoader(_Pids(), batch_size=None, num_workers=1, worker_init_fn=worker_shield())
     batches = iter(loader)
-    pid = next(batches)
+    pid, _ = next(batches)
     try:
         for sig in ("TERM", "USR1"):  # from another process, as SLURM's step daemon sends them
             subprocess.run(["kill", f"-{sig}", str(pid)], check=True)
-        time.sleep(0.3)
-        assert _alive(pid) and next(batches) == pid, "a stop signal from outside must not end a worker"
+        deadline = time.monotonic() + 10
+        while _pending(pid) and _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        taken = time.monotonic()  # the worker's signal thread has taken both (or the worker is gone)
+        assert _alive(pid), "a stop signal from outside must not end a worker"
+        assert not _pending(pid), "the worker never took the signals"
+        made = 0.0
+        while made <= taken and time.monotonic() < deadline:  # batches queued before may come first
+            got, made = next(batches)
+            assert got == pid
+        assert made > taken and _alive(pid), "a stop signal from outside must not end a worker"
         os.kill(pid, signal.SIGTERM)  # from the rank: what multiprocessing's exit handler sends
         deadline = time.monotonic() + 10
         while _alive(pid) and time.monotonic() < deadline:

@@ -126,15 +126,6 @@ def test_other_precisions_keep_the_exact_gelu(tiny_model, name):
     assert any(type(m) is nn.GELU for m in model.modules())
 
 
-def test_torchao_fp8_keeps_the_exact_gelu():
-    """torchao's FP8 plugin (kept for experiments; ``--precision fp8`` is Transformer Engine) lowers to bf16
-    through the bf16-true plugin without the epilogue: it keeps open_clip's GELU."""
-    from clip_fabric.precision.fp8 import TorchAOFloat8Precision
-
-    assert prec.build_precision("bf16-true", accelerator="cpu").gelu_epilogue
-    assert not TorchAOFloat8Precision().gelu_epilogue
-
-
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_gelu_computes_the_tanh_gelu_off_cuda(bias):
     """The unfused path: what CPU runs (torch's CPU ``_addmm_activation`` would compute the exact GELU);
@@ -168,6 +159,56 @@ def test_tf32_switch_is_scoped():
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
     with prec.build_precision("bf16-mixed", tf32=True, accelerator="cpu").forward_context():
         assert torch.backends.cuda.matmul.allow_tf32 and torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize(
+    "name, tf32, capability, zeroshot, changes",
+    [
+        ("32-true", True, (9, 0), False, True),
+        ("32-true", False, (9, 0), False, False),
+        ("32-true", True, None, False, False),  # a CPU has no TF32
+        ("32-true", True, (7, 0), False, False),  # nor a V100
+        ("16-mixed", True, (8, 0), False, True),  # float32 norms and projections
+        ("bf16-mixed", True, (8, 0), False, True),
+        ("16-true", True, (8, 0), False, True),
+        ("fp8", True, (9, 0), False, True),
+        ("bf16-true", True, (9, 0), False, False),  # no float32 matmul left
+        ("bf16-true", True, (9, 0), True, True),  # but the zero-shot logits
+        ("auto", False, (9, 0), False, False),  # bf16-true + TF32
+        ("auto", False, (9, 0), True, True),
+        ("auto", True, None, False, False),  # 32-true on a CPU
+    ],
+)
+def test_tf32_changes_rows_where_float32_matmuls_remain(name, tf32, capability, zeroshot, changes):
+    assert prec.tf32_changes_rows(name, tf32, capability, float32_logits=zeroshot) is changes
+
+
+def test_tf32_is_in_the_fingerprint_where_it_changes_the_rows(tmp_path, tiny_config, monkeypatch):
+    """A 32-true run on a TF32 GPU cannot be resumed with TF32 switched, or its folder would mix rows of
+    both; on a CPU, where TF32 changes nothing, it can."""
+    from clip_fabric.config import OutputArgs
+    from clip_fabric.predict import setup
+
+    def run(tf32: bool, **kw) -> dict:
+        return setup(
+            model=ModelArgs(config=str(tiny_config)),
+            data=DataArgs(num_samples=8, shard_size=4, num_workers=0),
+            output=OutputArgs(dir=str(tmp_path / "out"), **kw),
+            accelerator="cpu",
+            precision="32-true",
+            tf32=tf32,
+        )
+
+    assert run(tf32=True)["this_run"]["rows"] == 8  # a CPU: no TF32, same rows
+    assert run(tf32=False)["this_run"]["rows"] == 0  # resumed: nothing left
+    assert "tf32" not in json.loads((tmp_path / "out" / "run.json").read_text())["fingerprint"]
+    monkeypatch.setattr(prec, "device_capability", lambda accelerator="auto": ((9, 0), "NVIDIA H200"))
+    with pytest.raises(ValueError, match=r"holds a run with a different tf32"):
+        run(tf32=True)
+    assert run(tf32=True, overwrite=True)["this_run"]["rows"] == 8
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["fingerprint"]["tf32"] is True
+    with pytest.raises(ValueError, match=r"holds a run with a different tf32"):
+        run(tf32=False)
 
 
 @pytest.mark.parametrize(
@@ -253,18 +294,18 @@ def test_transformer_engine_status_says_why(monkeypatch):
         return object() if name == "transformer_engine" else real_find_spec(name, *args)
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    ok, why = prec.fp8.transformer_engine_status()
+    ok, why = prec.fp8_support.transformer_engine_status()
     assert not ok and "not installed" in why
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     monkeypatch.setitem(sys.modules, "transformer_engine", types_module("transformer_engine"))
     monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)  # the extension fails to import
-    ok, why = prec.fp8.transformer_engine_status()
+    ok, why = prec.fp8_support.transformer_engine_status()
     assert not ok and "installed but its PyTorch extension does not load" in why and "\n" not in why
 
     _fake_transformer_engine(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert prec.fp8.transformer_engine_status() == (
+    assert prec.fp8_support.transformer_engine_status() == (
         False,
         "transformer_engine 9.9 loads, but no CUDA GPU is visible",
     )
@@ -272,14 +313,15 @@ def test_transformer_engine_status_says_why(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "GPU-X")
     _fake_transformer_engine(monkeypatch, (False, "Device compute capability 8.9 or higher required"))
-    ok, why = prec.fp8.transformer_engine_status()
+    ok, why = prec.fp8_support.transformer_engine_status()
     assert not ok and why.endswith(
         "FP8 is unavailable on GPU-X: Device compute capability 8.9 or higher required"
     )
 
     _fake_transformer_engine(monkeypatch)
-    assert prec.fp8.transformer_engine_status() == (True, "transformer_engine 9.9: FP8 available on GPU-X")
-    assert prec.fp8.fp8_backend() == "transformer_engine"
+    ok, why = prec.fp8_support.transformer_engine_status()
+    assert (ok, why) == (True, "transformer_engine 9.9: FP8 available on GPU-X")
+    assert prec.fp8_support.fp8_backend() == "transformer_engine"
 
 
 def types_module(name: str):
@@ -391,7 +433,7 @@ def test_cuda_half_keeps_projections_fp32(tiny_model, name):
 @pytest.mark.gpu
 def test_cuda_fp8_builds_or_says_why():
     capability = torch.cuda.get_device_capability()
-    if capability >= (8, 9) and prec.fp8.fp8_backend() is not None:
+    if capability >= (8, 9) and prec.fp8_support.fp8_backend() is not None:
         assert prec.build_precision("fp8") is not None
     else:
         with pytest.raises(ValueError, match="--precision fp8 .*needs") as err:

@@ -123,17 +123,27 @@ def test_tensor_parallel_size_must_split_heads(tiny_config):
 
 
 def _hybrid_pair_with_one_oom(rank: int, port: int, results) -> None:
-    """Ranks 0 (vision) and 1 (text) of a hybrid pair; the vision tower runs out of memory once."""
+    """Ranks 0 (vision) and 1 (text) of a hybrid pair, through the strategy's own ``setup_module`` and
+    ``partner_session`` (the text rank's ``_serve``); the vision tower runs out of memory once."""
     import os
     from datetime import timedelta
 
     import torch.distributed as dist
+    from lightning.fabric.plugins.environments import LightningEnvironment
+    from lightning.fabric.plugins.precision import Precision
 
     from clip_fabric.encode import ChunkedEmbedder
-    from clip_fabric.strategies.hybrid import _DONE, PairedEmbedder
+    from clip_fabric.strategies.hybrid import HybridTowerStrategy
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=20))
+    environment = LightningEnvironment()
+    environment.set_world_size(2)
+    environment.set_global_rank(rank)
+    strategy = HybridTowerStrategy(
+        parallel_devices=[torch.device("cpu")] * 2, cluster_environment=environment, precision=Precision()
+    )
+    assert strategy.role == ("vision" if rank == 0 else "text")
 
     class Towers(torch.nn.Module):
         calls = 0
@@ -155,22 +165,13 @@ def _hybrid_pair_with_one_oom(rank: int, port: int, results) -> None:
         def combine(self, image, text):
             return {"image": image, "text": text}
 
-    if rank == 0:
-        embedder = ChunkedEmbedder(PairedEmbedder(Towers(), 1), 4)
-        ids = torch.arange(4).view(4, 1)
-        out = embedder(ids, ids.repeat(1, 3))
-        results.put((out["image"][:, 0].tolist(), out["text"][:, 0].tolist(), embedder.max_batch))
-        dist.send(torch.tensor([_DONE, 0]), 1)
-    else:
-        header = torch.empty(2, dtype=torch.int64)
-        while True:
-            dist.recv(header, 0)
-            rows, length = header.tolist()
-            if rows == _DONE:
-                break
-            tokens = torch.empty(rows, length, dtype=torch.int64)
-            dist.recv(tokens, 0)
-            dist.send(Towers().text_features(tokens).contiguous(), 0)
+    module = strategy.setup_module(Towers())
+    with strategy.partner_session(module):  # the text rank serves its partner until it is done
+        if rank == 0:
+            embedder = ChunkedEmbedder(module, 4)
+            ids = torch.arange(4).view(4, 1)
+            out = embedder(ids, ids.repeat(1, 3))
+            results.put((out["image"][:, 0].tolist(), out["text"][:, 0].tolist(), embedder.max_batch))
     dist.destroy_process_group()
 
 

@@ -1,10 +1,11 @@
-"""The hybrid layout as a value: pairs, roles and partners, checked without any process."""
+"""The layouts as values, checked without any process: the hybrid pairs (roles, partners) and how a
+world splits into tensor-parallel, tower and data-parallel groups (``ParallelDims``)."""
 
 from __future__ import annotations
 
 import pytest
 
-from clip_fabric.topology import TowerPairs
+from clip_fabric.topology import ParallelDims, TowerPairs
 
 
 @pytest.mark.parametrize("layout", ["adjacent", "halves"])
@@ -34,3 +35,48 @@ def test_world_size_that_does_not_fit(world):
 def test_unknown_layout():
     with pytest.raises(ValueError, match="unknown tower layout 'rings'"):
         TowerPairs(4, "rings")
+
+
+# -- ParallelDims: how a world splits into tensor-parallel, tower and data-parallel groups -------------
+
+
+@pytest.mark.parametrize(
+    ("world", "tensor_parallel", "towers", "data_parallel"),
+    [
+        (8, 1, 1, 8),  # ddp
+        (8, 4, 1, 2),  # tensor_parallel: two groups of four share a vision tower each
+        (8, 8, 1, 1),
+        (8, 1, 2, 4),  # hybrid: four pairs
+        (12, 2, 2, 3),
+        (None, 1, 1, None),  # --devices auto: known once launched
+        (8, None, 1, None),  # the tensor-parallel default, the devices of a node
+    ],
+)
+def test_parallel_dims_split_the_world(world, tensor_parallel, towers, data_parallel):
+    dims = ParallelDims(world, tensor_parallel=tensor_parallel, towers=towers)
+    assert dims.data_parallel == data_parallel
+    if data_parallel is not None:
+        assert data_parallel * tensor_parallel * towers == world
+
+
+@pytest.mark.parametrize(
+    ("world", "tensor_parallel", "towers", "message"),
+    [
+        (6, 4, 1, r"--tensor_parallel_size 4 must divide the world size 6 \(devices × nodes\)"),
+        (2, 4, 1, r"--tensor_parallel_size 4 must divide the world size 2"),
+        (6, 2, 2, r"a world of 6 ranks .* cannot be split into groups of 4 \(2 tensor-parallel x 2 tower"),
+        (8, 0, 1, r"--tensor_parallel_size must be >= 1, got 0"),
+        (None, 0, 1, r"--tensor_parallel_size must be >= 1, got 0"),  # checked before the world is known
+    ],
+)
+def test_parallel_dims_that_do_not_fit_are_one_line_errors(world, tensor_parallel, towers, message):
+    with pytest.raises(ValueError, match=message) as err:
+        ParallelDims(world, tensor_parallel=tensor_parallel, towers=towers)
+    assert "\n" not in str(err.value)
+
+
+def test_parallel_dims_are_frozen():
+    dims = ParallelDims(8, tensor_parallel=2)
+    with pytest.raises(AttributeError):
+        dims.world_size = 4  # type: ignore[misc]
+    assert dims == ParallelDims(8, 2, 1)

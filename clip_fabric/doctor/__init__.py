@@ -39,7 +39,7 @@ from clip_fabric.doctor.cluster import (
     rendezvous_port,
     tasks_per_node,
 )
-from clip_fabric.precision.fp8 import transformer_engine_status
+from clip_fabric.precision.fp8_support import transformer_engine_status
 
 __all__ = [
     "Check", "check_distributed", "check_fp8", "check_gpus", "check_hostname", "check_launch_env",

@@ -42,7 +42,8 @@ def check_versions(versions: Mapping[str, str | None]) -> list[Check]:
 
 def check_fp8(status: tuple[bool, str]) -> Check:
     """Whether ``--precision fp8`` (Transformer Engine) can run here, and why not
-    (``precision.fp8.transformer_engine_status``): a warning, since every other precision still runs."""
+    (``precision.fp8_support.transformer_engine_status``): a warning, since every other precision still
+    runs."""
     usable, why = status
     return Check("fp8 (transformer_engine)", "ok" if usable else "warn", why)
 

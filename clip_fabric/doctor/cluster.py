@@ -101,13 +101,13 @@ def tasks_per_node(env: Mapping[str, str]) -> dict[str, int] | None:
 
 
 def rendezvous_host(env: Mapping[str, str]) -> str | None:
-    """The host rank 0 listens on, as Fabric picks it: MASTER_ADDR, else the first node of the step."""
+    """The host rank 0 listens on, as Fabric picks it: MASTER_ADDR, else the first node of the step
+    (``SLURMEnvironment.resolve_root_node_address``'s answer, which tests/test_doctor.py checks: importing
+    Lightning here would cost every task of the job 1.7 s, docs/startup.md)."""
     if "MASTER_ADDR" in env:
         return env["MASTER_ADDR"]
     if "SLURM_NODELIST" in env:
-        from lightning.fabric.plugins.environments import SLURMEnvironment
-
-        return SLURMEnvironment.resolve_root_node_address(env["SLURM_NODELIST"])
+        return expand_nodelist(env["SLURM_NODELIST"])[0]
     return None
 
 
@@ -162,33 +162,7 @@ def check_nodes(reports: list[dict], layout: dict[str, int], rendezvous: str) ->
         by_node.setdefault(report["node"], []).append(report)
     for node, expected in layout.items():
         here = sorted(by_node.pop(node, []), key=lambda r: r["rank"])
-        if not here:
-            checks.append(
-                Check(
-                    f"node {node}",
-                    "fail",
-                    f"none of its {expected} rank(s) reached {rendezvous}",
-                    f"from {node}: getent hosts {rendezvous.rsplit(':', 1)[0]}; a firewall or the wrong "
-                    "interface between nodes (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME)",
-                )
-            )
-            continue
-        # What every node reports (a CPU-only torch, no InfiniBand) is in rank 0's own lines already.
-        problems = sorted({p for r in here for p in r["problems"]} - common)
-        failed = any(p.startswith("FAIL") for p in problems)
-        gpus = here[0]["gpus"]
-        detail = (
-            f"{here[0]['address']}: rank(s) {', '.join(str(r['rank']) for r in here)} reached {rendezvous}; "
-            f"{len(here)}/{expected} ranks, {gpus} GPU(s)"
-        )
-        status = "fail" if failed or len(here) < expected else "warn" if problems else "ok"
-        if gpus and gpus != expected:  # more ranks than GPUs share one; fewer leave some idle
-            status = "fail" if expected > gpus else "warn" if status == "ok" else status
-            problems.append(
-                f"{expected} ranks on {gpus} GPUs: keep --ntasks-per-node equal to --gpus-per-node"
-            )
-        hint = "; ".join(problems)
-        checks.append(Check(f"node {node}", status, detail, hint))
+        checks.append(_node_check(node, expected, here, common, rendezvous))
     for node, here in by_node.items():  # ranks on a node the layout does not name
         checks.append(Check(f"node {node}", "warn", f"rank(s) {[r['rank'] for r in here]} not in the layout"))
     missing = sorted(set(range(sum(layout.values()))) - arrived)
@@ -211,6 +185,32 @@ def check_nodes(reports: list[dict], layout: dict[str, int], rendezvous: str) ->
         )
     )
     return checks
+
+
+def _node_check(node: str, expected: int, here: list[dict], common: set[str], rendezvous: str) -> Check:
+    """One node's line: its address, the ranks of its ``expected`` that arrived (``here``), its GPUs and
+    the problems it reports beyond those ``common`` to every node."""
+    if not here:
+        return Check(
+            f"node {node}",
+            "fail",
+            f"none of its {expected} rank(s) reached {rendezvous}",
+            f"from {node}: getent hosts {rendezvous.rsplit(':', 1)[0]}; a firewall or the wrong "
+            "interface between nodes (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME)",
+        )
+    # What every node reports (a CPU-only torch, no InfiniBand) is in rank 0's own lines already.
+    problems = sorted({p for r in here for p in r["problems"]} - common)
+    failed = any(p.startswith("FAIL") for p in problems)
+    gpus = here[0]["gpus"]
+    detail = (
+        f"{here[0]['address']}: rank(s) {', '.join(str(r['rank']) for r in here)} reached {rendezvous}; "
+        f"{len(here)}/{expected} ranks, {gpus} GPU(s)"
+    )
+    status = "fail" if failed or len(here) < expected else "warn" if problems else "ok"
+    if gpus and gpus != expected:  # more ranks than GPUs share one; fewer leave some idle
+        status = "fail" if expected > gpus else "warn" if status == "ok" else status
+        problems.append(f"{expected} ranks on {gpus} GPUs: keep --ntasks-per-node equal to --gpus-per-node")
+    return Check(f"node {node}", status, detail, "; ".join(problems))
 
 
 def meet(env: Mapping[str, str], report: dict, timeout_s: float) -> tuple[list[dict] | None, Check]:

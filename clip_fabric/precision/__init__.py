@@ -3,11 +3,22 @@ from the GPU architecture."""
 
 from __future__ import annotations
 
-import torch
-from lightning.fabric.plugins.precision import Precision
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from clip_fabric.precision.fp8 import MIN_FP8_CAPABILITY, build_fp8
-from clip_fabric.precision.plugins import Fp32NormsHalfPrecision, Fp32NormsMixedPrecision, Fp32Precision
+from clip_fabric.precision.fp8_support import MIN_FP8_CAPABILITY
+
+if TYPE_CHECKING:
+    from lightning.fabric.plugins.precision import Precision
+
+# Torch and Lightning load with the first plugin built, not with this package: ``--help``, ``doctor`` and
+# the choice of ``auto`` need neither. The plugin classes are still importable from here.
+_LAZY = {
+    "Fp32Precision": "plugins",
+    "Fp32NormsMixedPrecision": "plugins",
+    "Fp32NormsHalfPrecision": "plugins",
+    "build_fp8": "fp8",
+}
 
 PRECISIONS = ("32-true", "16-mixed", "16-true", "bf16-mixed", "bf16-true", "fp8", "auto")
 # Measured on an H200 (docs/precision.md, docs/measurements/2026-12-01-fp8): Transformer Engine's FP8 ran
@@ -18,6 +29,8 @@ FP8_MEASURED_FASTER = False
 
 def device_capability(accelerator: str = "auto") -> tuple[tuple[int, int] | None, str]:
     """(compute capability, name) of the GPU this process will use; (None, "cpu") without one."""
+    import torch
+
     if accelerator == "cpu" or not torch.cuda.is_available():
         return None, "cpu"
     return torch.cuda.get_device_capability(), torch.cuda.get_device_name()
@@ -52,12 +65,38 @@ def resolve_precision(name: str, accelerator: str = "auto") -> str:
     return choose_auto(*device_capability(accelerator))[0] if name == "auto" else name
 
 
+def tf32_changes_rows(
+    name: str, tf32: bool, capability: tuple[int, int] | None, float32_logits: bool = False
+) -> bool:
+    """Whether ``--tf32`` (or TF32 chosen by ``auto``) changes what a run writes: the GPU has TF32
+    (compute capability 8.0+; a CPU has none) and float32 matmuls remain under the precision. They do
+    under every precision but ``bf16-true``: ``32-true`` is all float32, and the others keep norms and
+    final projections in float32 (``fp32_parts``). ``bf16-true``'s one float32 matmul is the zero-shot
+    logits (``float32_logits``)."""
+    if name == "auto":
+        name, auto_tf32, _ = choose_auto(capability)
+        tf32 = tf32 or auto_tf32
+    if not tf32 or capability is None or capability < (8, 0):
+        return False
+    return name != "bf16-true" or float32_logits
+
+
+def tf32_fingerprint(name: str, tf32: bool, accelerator: str = "auto", float32_logits: bool = False) -> dict:
+    """TF32 for a run's fingerprint: ``{"tf32": True}`` where it changes the rows, else nothing (absent
+    means off, so that folders written before TF32 was recorded resume as they did)."""
+    capability, _ = device_capability(accelerator)
+    return {"tf32": True} if tf32_changes_rows(name, tf32, capability, float32_logits) else {}
+
+
 def build_precision(name: str, tf32: bool = False, accelerator: str = "auto") -> Precision:
     """The Fabric precision plugin for ``--precision name`` (pass it as ``Fabric(plugins=...)``).
 
     ``auto`` resolves with ``choose_auto`` on this process's GPU and prints why; it turns TF32 on where
     it chooses so. ``fp8`` raises a one-line ValueError where the GPU or the packages cannot run it.
     """
+    from clip_fabric.precision.fp8 import build_fp8
+    from clip_fabric.precision.plugins import Fp32NormsHalfPrecision, Fp32NormsMixedPrecision, Fp32Precision
+
     if name not in PRECISIONS:
         raise ValueError(f"--precision {name!r} is not one of {', '.join(PRECISIONS)}")
     capability, device_name = device_capability(accelerator)
@@ -76,3 +115,12 @@ def build_precision(name: str, tf32: bool = False, accelerator: str = "auto") ->
         # The MLP's GELU in its matmul: measured faster at the same distance to float32 (fused_gelu).
         return Fp32NormsHalfPrecision("bf16-true", fp32_norms=False, tf32=tf32, gelu_epilogue=True)
     return build_fp8(capability, device_name, tf32)
+
+
+def __getattr__(name: str) -> Any:
+    """The plugin classes and the submodules, imported on first use (PEP 562)."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    if name in ("fp8", "fp8_support", "fp32_parts", "fused_gelu", "plugins"):
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

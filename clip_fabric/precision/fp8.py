@@ -13,13 +13,11 @@ Measured on one H200 (docs/measurements/2026-12-01-fp8/, random weights): ``--pr
 1.17x (ViT-L-14), 1.18x (ViT-H-14) and 1.29x (ViT-bigG-14) as fast as ``bf16-true``, at image cosine
 0.9985 / 0.9985 / 0.9973 and text cosine 0.995 / 0.995 / 0.994 to float32 (bf16-true: 0.9999). Lightning's
 plugin ran 0.86x / 0.88x / 0.99x, torchao's float8 without ``torch.compile`` 0.41x / 0.47x / 0.55x: neither
-is used. ``TorchAOFloat8Precision`` stays for experiments (compiled, it ran ViT-bigG-14 1.32x after a
-161 s compile).
+is used (torchao's plugin, which no command reached, is gone; it is in 8ffec72 for experiments).
 """
 
 from __future__ import annotations
 
-import importlib.util
 from contextlib import AbstractContextManager, ExitStack
 from typing import Literal
 
@@ -29,43 +27,14 @@ from lightning.fabric.plugins.precision import Precision
 from torch import Tensor, nn
 from typing_extensions import override
 
+from clip_fabric.precision.fp8_support import MIN_FP8_CAPABILITY, transformer_engine_status
 from clip_fabric.precision.fp32_parts import FP32_TYPES, keep_fp32, to_dtype_except
 from clip_fabric.precision.fused_gelu import fuse_mlp_gelu
 from clip_fabric.precision.plugins import Fp32NormsHalfPrecision
 
-MIN_FP8_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have FP8 tensor cores
 Recipe = Literal["current", "delayed", "block"]
 Towers = Literal["image", "all"]
 ROW_MULTIPLE = 16  # FP8 GEMMs take row counts that are multiples of 8 (16 for some recipes): pad to 16
-
-
-def fp8_backend() -> str | None:
-    """``transformer_engine`` where it can run FP8 here (what ``--precision fp8`` uses), else None."""
-    return "transformer_engine" if transformer_engine_status()[0] else None
-
-
-def transformer_engine_status() -> tuple[bool, str]:
-    """Whether Transformer Engine can run FP8 in this process, and why not (one line, for ``doctor``).
-
-    Installed is not usable: its PyTorch extension (``transformer_engine_torch``) is built against one
-    torch, and FP8 needs a GPU of capability 8.9+; each of these fails separately.
-    """
-    if importlib.util.find_spec("transformer_engine") is None:
-        return False, "transformer_engine is not installed (pip install transformer_engine[pytorch])"
-    try:
-        import transformer_engine
-        import transformer_engine.pytorch as te
-    except Exception as err:  # noqa: BLE001 - any import failure (ABI mismatch, missing .so) is the answer
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return False, f"transformer_engine is installed but its PyTorch extension does not load: {first}"
-    version = getattr(transformer_engine, "__version__", "?")
-    if not torch.cuda.is_available():
-        return False, f"transformer_engine {version} loads, but no CUDA GPU is visible"
-    available, reason = te.is_fp8_available(return_reason=True)
-    name = torch.cuda.get_device_name()
-    if not available:
-        return False, f"transformer_engine {version} loads, but FP8 is unavailable on {name}: {reason}"
-    return True, f"transformer_engine {version}: FP8 available on {name}"
 
 
 def check_fp8(
@@ -328,54 +297,6 @@ class TransformerEngineFp8Precision(Fp32NormsHalfPrecision):
         stack.enter_context(super().forward_context())
         stack.enter_context(te.autocast(enabled=True, recipe=self.te_recipe))
         return stack
-
-
-class TorchAOFloat8Precision(Fp32NormsHalfPrecision):
-    """bf16 weights with fp32 norms and projections, and torchao float8 matmuls in the Linear layers
-    whose sizes FP8 kernels accept (multiples of 16); with ``split_attention`` the attention projections
-    are such layers too, and with ``compile`` each transformer block is compiled (``torch.compile``), which
-    fuses the activations' scaling and casts into the ops before them."""
-
-    def __init__(
-        self,
-        tf32: bool = False,
-        granularity: Literal["row", "tensor"] = "row",
-        split_attention: bool = False,
-        compile: bool = False,
-    ) -> None:
-        super().__init__("bf16-true", fp32_norms=True, tf32=tf32)
-        self.granularity, self.split_attention, self.compile = granularity, split_attention, compile
-
-    @override
-    def convert_module(self, module: nn.Module) -> nn.Module:
-        from torchao.quantization import (
-            Float8DynamicActivationFloat8WeightConfig,
-            PerRow,
-            PerTensor,
-            quantize_,
-        )
-
-        from clip_fabric.precision.fp32_parts import Fp32Projection
-
-        if self.split_attention:
-            split_attention(module)
-        module = super().convert_module(module)
-
-        def fp8_sized(layer: nn.Module, _: str) -> bool:
-            return (
-                type(layer) is not Fp32Projection
-                and isinstance(layer, nn.Linear)
-                and layer.in_features % 16 == 0
-                and layer.out_features % 16 == 0
-            )
-
-        granularity = PerRow() if self.granularity == "row" else PerTensor()
-        config = Float8DynamicActivationFloat8WeightConfig(granularity=granularity)
-        quantize_(module, config, filter_fn=fp8_sized)
-        if self.compile:
-            for _, _, block in _blocks(module, "all"):
-                block.compile()
-        return module
 
 
 def build_fp8(capability: tuple[int, int] | None, device_name: str, tf32: bool = False) -> Precision:
