@@ -160,15 +160,15 @@ def test_a_blank_caption_is_null_in_every_format():
 def test_the_model_load_and_the_classifier_build_are_announced_and_out_of_the_rate(
     capsys, tmp_path, tiny_config, image_folder, monkeypatch
 ):
-    from clip_fabric import predict
+    from clip_fabric import zeroshot
 
-    build = predict.sharded_classifier
+    build = zeroshot.sharded_classifier
 
     def slow_build(*args, **kwargs):
         time.sleep(2.0)  # a CPU classifier of 1000 classes x 80 prompts takes a minute
         return build(*args, **kwargs)
 
-    monkeypatch.setattr(predict, "sharded_classifier", slow_build)
+    monkeypatch.setattr(zeroshot, "sharded_classifier", slow_build)  # predict imports it when it runs
     classes = tmp_path / "classes.txt"
     classes.write_text("cat\ndog\n")
     summary = setup(
@@ -275,12 +275,12 @@ def test_random_weights_are_warned_once(tiny_config, caplog):
 def test_an_empty_input_is_reported_before_the_model_loads_and_leaves_nothing(
     capsys, tmp_path, tiny_config, monkeypatch
 ):
-    from clip_fabric import predict
+    from clip_fabric import model
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded for an empty input")
 
-    monkeypatch.setattr(predict, "load_model", no_model)
+    monkeypatch.setattr(model, "load_model", no_model)  # predict imports it when it runs
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"
     result = cli_in_process(

@@ -7,9 +7,9 @@ A batch's JPEGs are decoded together by one of two libraries, chosen once per ru
   engines are not the GPU's multiprocessors, so they decode the next batch while the tower runs.
 - ``torchvision`` (nvJPEG on the multiprocessors): always there with a CUDA build of torchvision.
 
-Images of one size are then resized together (bicubic, antialiased: torch's match of PIL's filter),
-center-cropped and normalised as open_clip's preprocess does, and placed among the rows the workers
-already decoded on the CPU.
+Whatever their sizes, the images are then resized and center-cropped in a few batched kernels
+(``resize.BatchResize``: open_clip's antialiased bicubic as matrix products), normalised as open_clip's
+preprocess does, and placed among the rows the workers already decoded on the CPU.
 
 A JPEG the batched decode rejects is retried alone, then on the CPU; one that fails there too leaves
 its batch as an error record. The stage runs on any device (the tests run it on the CPU).
@@ -23,9 +23,8 @@ import logging
 import os
 import tempfile
 import warnings
-from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -33,11 +32,9 @@ from torch import Tensor
 
 from clip_fabric.data.batch import Batch
 from clip_fabric.data.decode import CpuDecoder, ImageSpec
+from clip_fabric.data.resize import BatchResize, Windows
 
 log = logging.getLogger(__name__)
-# Resize at most this many input pixels x channels at once (float32: 4 bytes each), so a batch of large
-# photos of one size is resized in chunks rather than all at once.
-RESIZE_CHUNK_VALUES = 64 * 1024 * 1024
 # Share of a batch nvImageCodec gives the hardware engines first; the CUDA decoder takes the rest and
 # whatever the engines cannot decode (progressive files, unusual subsamplings).
 HW_LOAD_HINT = 0.9
@@ -167,8 +164,23 @@ _DECODERS: dict[str, Callable[[torch.device], Callable]] = {
 }
 
 
+@dataclass
+class Decoded:
+    """A batch half way through the device stage (``DeviceImageDecoder.prepare``): its inputs on the
+    device, its JPEGs decoded and packed for the resize, ready once ``ready`` has run on ``stream``."""
+
+    batch: Batch
+    windows: Windows | None = None
+    on_gpu: list[int] = field(default_factory=list)
+    cpu_rows: dict[int, Tensor] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+    ready: torch.cuda.Event | None = None
+
+
 class DeviceImageDecoder:
-    """Completes a batch's ``images`` on ``device`` from its packed JPEG bytes."""
+    """Completes a batch's ``images`` on ``device`` from its packed JPEG bytes, in two steps that may run
+    in two threads: ``prepare`` (decode, cut each image to what its crop reads, pack the copies) and
+    ``finish`` (resize, normalise, place the rows); calling it does both."""
 
     def __init__(
         self, spec: ImageSpec, cpu: CpuDecoder, device: torch.device, library: str | None = None
@@ -178,118 +190,94 @@ class DeviceImageDecoder:
         self.device = torch.device(device)
         self.library = library or jpeg_library(self.device) or "torchvision"
         self.jpegs = _DECODERS[self.library](self.device)
-        # The decoders write on a stream of their own, which runs no kernel of the encoder: memory the
+        self.resize = BatchResize(spec)
+        # ``prepare`` works on a stream of its own, which runs no kernel of the encoder: memory the
         # encoder's stream freed while its kernels are still queued is handed out again at once on that
         # stream, so decoding straight into it overwrote activations of the batch still running (2-GPU
-        # H100 runs wrote rows that differed between runs, cosine down to 0.91). The encoder's stream
-        # waits for the decode, and the decoded images are kept until the resize that reads them ran.
-        self.pool = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self.held: tuple[torch.cuda.Event, list[Tensor | None]] | None = None
+        # H100 runs wrote rows that differed between runs, cosine down to 0.91). ``finish`` makes the
+        # encoder's stream wait for it and marks what it made as used there.
+        self.side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.held: torch.cuda.Event | None = None  # the decoder's images are read until this ran
 
     def __call__(self, batch: Batch) -> Batch:
         """``batch`` with ``images`` on the device for all its rows; rows whose JPEG no decoder reads move
-        to ``errors``. Queues work on the device without waiting for it (beyond the decoder's own host
-        work), so the batch before this one keeps the GPU busy meanwhile. Takes a worker's batch (uint8
-        pixels are normalised on the device) or one already there."""
-        batch = batch.to(self.device, self.spec.normalise)
+        to ``errors``. Takes a worker's batch (uint8 pixels are normalised on the device) or one
+        already there."""
+        return self.finish(self.prepare(batch))
+
+    def prepare(self, batch: Batch) -> Decoded:
+        """Copy the batch to the device, decode its JPEGs (those the GPU refuses on the CPU) and pack
+        them for the resize, all on ``self.side``; the host waits only for the decoder's own work."""
+        with torch.cuda.stream(self.side) if self.side is not None else contextlib.nullcontext():
+            batch = batch.to(self.device, self.spec.normalise)
+            if batch.jpegs is None:
+                return Decoded(batch, ready=self._record())
+            if self.held is not None:  # the decoder reuses its memory: the last copies must have run
+                self.held.synchronize()
+            data = batch.jpegs.data.numpy()
+            ends = np.cumsum(batch.jpegs.lengths.numpy()).tolist()
+            blobs = [data[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+            decoded = self.jpegs(blobs, self.side)
+            out = Decoded(batch, on_gpu=[i for i, image in enumerate(decoded) if image is not None])
+            for i, image in enumerate(decoded):
+                if image is None:
+                    try:  # the CPU decoder tolerates some files the GPU refuses
+                        out.cpu_rows[i] = self.cpu.image(blobs[i].tobytes())
+                    except Exception as err:  # noqa: BLE001 - a broken file is a record, not a crash
+                        out.failed[i] = f"undecodable image: {type(err).__name__}: {err}"
+            if out.on_gpu:
+                out.windows = self.resize.pack([decoded[i] for i in out.on_gpu])
+            out.ready = self.held = self._record()
+            return out
+
+    def finish(self, step: Decoded) -> Batch:
+        """The batch with its model input, on the current stream (after ``step.ready``)."""
+        batch = step.batch
+        if self.side is not None:
+            consumer = torch.cuda.current_stream(self.device)
+            consumer.wait_event(step.ready)
+            made = [batch.images, batch.texts, *(step.windows.padded if step.windows else [])]
+            for tensor in made:
+                if tensor is not None and tensor.device.type == "cuda":
+                    tensor.record_stream(consumer)
         if batch.jpegs is None:
             return batch
-        self._release()
-        data = batch.jpegs.data.numpy()
-        ends = np.cumsum(batch.jpegs.lengths.numpy()).tolist()
-        starts = [0, *ends[:-1]]
-        blobs = [data[a:b] for a, b in zip(starts, ends, strict=True)]
-        decoded = self._decode(blobs)
-        model_input, failed = self._complete(decoded, blobs)
+        model_input = self._model_input(step)
         jpeg_rows = batch.jpegs.rows.tolist()
-        if batch.images is None and not failed:
+        if batch.images is None and not step.failed:
             images = model_input  # every row a JPEG, in order: no scatter
         else:
-            images = torch.empty(len(batch.rows), 3, *self.spec.crop, device=self.device)
+            images = torch.empty(len(batch.rows), 3, *self.spec.crop, dtype=torch.float32, device=self.device)
             if batch.images is not None:
                 images[self._index(batch.image_rows)] = batch.images
-            done = [i for i in range(len(blobs)) if i not in failed]
+            done = [i for i in range(len(jpeg_rows)) if i not in step.failed]
             if done:
                 images[self._index([jpeg_rows[i] for i in done])] = model_input
         out = replace(batch, images=images, image_rows=None, jpegs=None)
-        return out.drop({jpeg_rows[i]: reason for i, reason in failed.items()}) if failed else out
+        return out.drop({jpeg_rows[i]: why for i, why in step.failed.items()}) if step.failed else out
 
-    def _decode(self, blobs: list[np.ndarray]) -> list[Tensor | None]:
-        """The batch decoded on ``self.pool``, which the current stream then waits for."""
-        decoded = self.jpegs(blobs, self.pool)
-        if self.pool is not None:
-            consumer = torch.cuda.current_stream(self.device)
-            consumer.wait_stream(self.pool)
-            if self.library == "torchvision":  # images from torch's allocator, made on self.pool
-                for image in decoded:
-                    if image is not None:
-                        image.record_stream(consumer)
-        return decoded
-
-    def _complete(
-        self, decoded: list[Tensor | None], blobs: list[np.ndarray]
-    ) -> tuple[Tensor | None, dict[int, str]]:
-        """Model input of the decoded images in order (those the GPU refused decoded on the CPU), and why
-        each of the images that no decoder read failed."""
-        cpu_rows, failed = {}, {}
-        for i, image in enumerate(decoded):
-            if image is None:
-                try:  # the CPU decoder tolerates some files the GPU refuses
-                    cpu_rows[i] = self.cpu.image(blobs[i].tobytes())
-                except Exception as err:  # noqa: BLE001 - a broken file is a record, not a crash
-                    failed[i] = f"undecodable image: {type(err).__name__}: {err}"
-        on_gpu = [i for i, image in enumerate(decoded) if image is not None]
-        if not on_gpu and not cpu_rows:
-            return None, failed
-        pixels = self.resize([decoded[i] for i in on_gpu]) if on_gpu else None
-        self._hold(decoded)
-        if not cpu_rows:
-            return self.spec.normalise(pixels), failed
-        kept = [i for i in range(len(decoded)) if i not in failed]
-        out = torch.empty(len(kept), 3, *self.spec.crop, device=self.device)
+    def _model_input(self, step: Decoded) -> Tensor | None:
+        """Model input of the decoded JPEGs in their order, the GPU's and the CPU's rows together."""
+        pixels = self.resize(step.windows) if step.windows is not None else None
+        if not step.cpu_rows:
+            return self.spec.normalise(pixels) if pixels is not None else None
+        kept = sorted([*step.on_gpu, *step.cpu_rows])
         place = {row: n for n, row in enumerate(kept)}
+        out = torch.empty(len(kept), 3, *self.spec.crop, dtype=torch.float32, device=self.device)
         if pixels is not None:
-            out[self._index([place[i] for i in on_gpu])] = self.spec.normalise(pixels)
-        cpu = sorted(cpu_rows)
-        out[self._index([place[i] for i in cpu])] = torch.stack([cpu_rows[i] for i in cpu]).to(self.device)
-        return out, failed
-
-    def resize(self, images: list[Tensor]) -> Tensor:
-        """Resized and cropped pixels (float32 of whole values) in the order given: images of one size
-        together, one ``interpolate`` per size. (Batched matrix products over all sizes were measured
-        slower on an H200 as written: docs/measurements/2026-12-04-photo-speed/.)"""
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, image in enumerate(images):
-            groups[tuple(image.shape)].append(i)
-        if len(groups) == 1:
-            return self._resize_group(images)  # one size (a uniform batch): no scatter
-        out = torch.empty(len(images), 3, *self.spec.crop, device=self.device)
-        for members in groups.values():
-            out[self._index(members)] = self._resize_group([images[i] for i in members])
+            out[self._index([place[i] for i in step.on_gpu])] = self.spec.normalise(pixels)
+        cpu = sorted(step.cpu_rows)
+        out[self._index([place[i] for i in cpu])] = torch.stack([step.cpu_rows[i] for i in cpu]).to(
+            self.device
+        )
         return out
 
-    def _resize_group(self, images: list[Tensor]) -> Tensor:
-        """``images`` of one size, resized in chunks of at most RESIZE_CHUNK_VALUES input values."""
-        channels, height, width = images[0].shape
-        step = max(1, RESIZE_CHUNK_VALUES // (channels * height * width))
-        if step >= len(images):
-            return self.spec.pixels(torch.stack(images)).float()
-        out = torch.empty(len(images), 3, *self.spec.crop, device=self.device)
-        for start in range(0, len(images), step):
-            out[start : start + step] = self.spec.pixels(torch.stack(images[start : start + step]))
-        return out
-
-    def _hold(self, decoded: list[Tensor | None]) -> None:
-        """Keep the decoder's images (its memory, reused on the next call) until the resize read them."""
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self.device))
-            self.held = (event, decoded)
-
-    def _release(self) -> None:
-        if self.held is not None:
-            self.held[0].synchronize()
-            self.held = None
+    def _record(self) -> torch.cuda.Event | None:
+        if self.side is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.side)
+        return event
 
     def _index(self, rows: list[int] | Tensor) -> Tensor:
         """Row positions on the device, copied without making the host wait for the device."""

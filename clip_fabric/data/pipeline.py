@@ -158,13 +158,17 @@ class DeviceBatches:
         # caller then could no longer tell which one died (``preemption.dead_workers``).
         self.loader_iter = iter(self.loader)
         watch_workers(getattr(self.loader_iter, "_workers", []))
+        batches = in_shard_order(self.loader_iter)
         try:
-            for batch in in_shard_order(self.loader_iter):
-                yield self.stage(batch) if self.stage is not None else batch.to(self.device, self.normalise)
+            if self.stage is None:
+                for batch in batches:
+                    yield batch.to(self.device, self.normalise)
+            else:
+                for batch in batches:
+                    yield self.stage(batch)
         except GeneratorExit:
             self.loader_iter = None
             raise
-
         self.loader_iter = None
 
 

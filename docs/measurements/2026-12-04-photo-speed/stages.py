@@ -4,9 +4,10 @@
 
 Each stage alone on resident data (the JPEG bytes packed in pinned memory as the workers hand them
 over), timed with a device synchronisation after each pass over all batches, best of three passes:
-decode alone per library, the batched resize alone, the whole device stage (``DeviceImageDecoder``),
-the ViT-B-32 tower alone (bf16-true) and the stage and the tower together in predict's order
-(``encode_in_order``: the next batch is decoded while the tower runs the last). Closeness: model input
+decode alone per library, ``prepare`` (decode, cut to the crop's window, pack) and ``finish`` (batched
+resize, normalise) alone, the whole device stage in line (``DeviceImageDecoder``), the ViT-B-32 tower
+alone (bf16-true) and the stage and the tower together as predict runs them (``prepare`` in a thread of
+its own, ``encode_in_order``). Closeness: model input
 of the stage against open_clip's own preprocess, per image (cosine of the pixel tensors), and fp32
 ViT-B-32 image embeddings of the same (cosine).
 """
@@ -16,7 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import queue
+import threading
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import open_clip
 import torch
@@ -27,6 +32,67 @@ from clip_fabric.data.decode import CpuDecoder
 from clip_fabric.data.device_decode import DeviceImageDecoder
 from clip_fabric.data.stream import ShardStream
 from clip_fabric.encode import encode_in_order
+
+
+class Prefetch:
+    """``prepare`` run on each of ``batches`` in a thread of its own, at most one ahead of the consumer
+    (measured only, not in the package: 5,487 photo images/s with the tower, run4.sh); an error in
+    the thread is raised in the consumer, and leaving the ``with`` stops the thread (a daemon)."""
+
+    def __init__(self, batches: Iterator, prepare: Callable) -> None:
+        self.queue: queue.Queue = queue.Queue(1)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(
+            target=self._run, args=(batches, prepare), name="clip_fabric-decode", daemon=True
+        )
+
+    def __enter__(self) -> Iterator:
+        self.thread.start()
+        return self._items()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+    def _run(self, batches: Iterator, prepare: Callable) -> None:
+        try:
+            for batch in batches:
+                if not self._put(prepare(batch)):
+                    return
+            self._put(_END)
+        except BaseException as err:  # noqa: BLE001 - raised again in the consumer
+            self._put(_Failed(err))
+
+    def _put(self, item: object) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _items(self) -> Iterator:
+        while True:
+            try:
+                item = self.queue.get(timeout=1.0)
+            except queue.Empty:
+                if not self.thread.is_alive():
+                    raise RuntimeError("the decode thread ended without a word") from None
+                continue
+            if item is _END:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+
+
+_END = object()
+
+
+@dataclass
+class _Failed:
+    error: BaseException
 
 
 def _jpeg(task: tuple[int, tuple[int, int]]) -> bytes:
@@ -90,24 +156,25 @@ def measure_set(name: str, jpegs: list[bytes], batch: int, model, tower, device)
 
 
 def time_library(stage: DeviceImageDecoder, batches: list, tower, n: int) -> dict:
-    """images/s of the decode alone, the resize alone, the stage, and the stage with the tower."""
+    """images/s of the decode alone, prepare (decode + pack) alone, finish (resize, normalise) alone,
+    the whole stage in line, and the stage with the tower as predict runs it (prepare in its thread)."""
     blobs = [[b.jpegs.data.numpy()[a:z] for a, z in _bounds(b)] for b in batches]
-    decoded: list = []
+    steps: list = []
 
-    def decode_only() -> None:
-        decoded.clear()
-        for parts in blobs:
-            decoded.append(stage._decode(parts))
+    def prepare_only() -> None:
+        steps.clear()
+        steps.extend(stage.prepare(b) for b in batches)
 
     def together() -> None:
-        for _ in encode_in_order((stage(b) for b in batches), tower, lambda: False, set):
-            pass
+        with Prefetch(iter(batches), stage.prepare) as prepared:
+            finished = (stage.finish(step) for step in prepared)
+            for _ in encode_in_order(finished, tower, lambda: False, set):
+                pass
 
-    t_decode = best_of(decode_only)
-    t_resize = best_of(lambda: [stage.resize([i for i in d if i is not None]) for d in decoded])
     return {
-        "decode_images_per_s": round(n / t_decode),
-        "resize_images_per_s": round(n / t_resize),
+        "decode_images_per_s": round(n / best_of(lambda: [stage.jpegs(p, stage.side) for p in blobs])),
+        "prepare_images_per_s": round(n / best_of(prepare_only)),
+        "finish_images_per_s": round(n / best_of(lambda: [stage.finish(s) for s in steps])),
         "stage_images_per_s": round(n / best_of(lambda: [stage(b) for b in batches])),
         "stage_and_tower_images_per_s": round(n / best_of(together)),
     }
