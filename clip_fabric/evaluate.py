@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 Task = Literal["zeroshot", "retrieval"]
 TOP_K = (1, 5)
 RECALL_K = (1, 5, 10)
-# hybrid's text ranks only serve pairs (image and caption together); the classifier's prompts have no image.
-UNSUPPORTED_STRATEGIES = ("hybrid",)
 
 
 @launch_docs(
@@ -77,7 +75,7 @@ def setup(
     """
     from clip_fabric.model import check_model
 
-    _check_options(strategy, output)
+    _check_options(strategy, devices, num_nodes, output)
     check_model(model)
     source = build_source(data)
     classes, prompt_templates = _task_inputs(task, source, data, class_names, templates)
@@ -100,8 +98,11 @@ def setup(
     return fabric.launch(main, source, model, data, task, classes, prompt_templates, Path(output), config)
 
 
-def _check_options(strategy: str, output: str) -> None:
-    if strategy in UNSUPPORTED_STRATEGIES:
+def _check_options(strategy: str, devices: int | str, num_nodes: int, output: str) -> None:
+    from clip_fabric.strategies import strategy_class
+
+    cls = strategy_class(strategy, devices, num_nodes)
+    if cls is not None and not cls.encodes_texts_alone:  # the classifier's prompts have no image
         raise ValueError(
             f"--strategy {strategy} is not supported by evaluate (its text ranks only serve image-caption "
             "pairs); use ddp, model_parallel or tensor_parallel"
