@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from typing_extensions import TYPE_CHECKING  # noqa: UP035 - not typing's: see below
 
@@ -32,8 +33,6 @@ log = logging.getLogger(__name__)
 Task = Literal["zeroshot", "retrieval"]
 TOP_K = (1, 5)
 RECALL_K = (1, 5, 10)
-# hybrid's text ranks only serve pairs (image and caption together); the classifier's prompts have no image.
-UNSUPPORTED_STRATEGIES = ("hybrid",)
 
 
 @launch_docs(
@@ -77,7 +76,7 @@ def setup(
     """
     from clip_fabric.model import check_model
 
-    _check_options(strategy, output)
+    _check_options(strategy, devices, num_nodes, output)
     check_model(model)
     source = build_source(data)
     classes, prompt_templates = _task_inputs(task, source, data, class_names, templates)
@@ -86,7 +85,7 @@ def setup(
         "model": asdict(model),
         "data": asdict(data),
         "class_names": class_names,
-        "templates": templates if task == "zeroshot" else None,
+        "templates": templates if TASKS[task].labelled else None,
         "precision": precision,
         "strategy": strategy,
         "accelerator": accelerator,
@@ -100,8 +99,11 @@ def setup(
     return fabric.launch(main, source, model, data, task, classes, prompt_templates, Path(output), config)
 
 
-def _check_options(strategy: str, output: str) -> None:
-    if strategy in UNSUPPORTED_STRATEGIES:
+def _check_options(strategy: str, devices: int | str, num_nodes: int, output: str) -> None:
+    from clip_fabric.strategies import strategy_class
+
+    cls = strategy_class(strategy, devices, num_nodes)
+    if cls is not None and not cls.encodes_texts_alone:  # the classifier's prompts have no image
         raise ValueError(
             f"--strategy {strategy} is not supported by evaluate (its text ranks only serve image-caption "
             "pairs); use ddp, model_parallel or tensor_parallel"
@@ -117,7 +119,7 @@ def _task_inputs(
     ``retrieval`` needs neither."""
     from clip_fabric.zeroshot import load_templates
 
-    if task == "zeroshot":
+    if TASKS[task].labelled:
         return _class_names(source, data, class_names), load_templates(templates, "--templates")
     if class_names is not None:
         raise ValueError("--class_names is for --task zeroshot; retrieval matches each image to its caption")
@@ -152,7 +154,8 @@ def main(
     split = strategy.shard_split(fabric.global_rank, fabric.world_size)
     mine = shards[split[0] :: split[1]] if split else []
     decode = resolve_decode(data.decode, fabric.device, preprocess)
-    mode = MODES["both"] if task == "retrieval" else MODES["image"]  # retrieval pairs need captions
+    spec = TASKS[task]
+    mode = MODES[spec.mode]
     batch_size = choose_batch_size(fabric, module, model, data, mode.towers, decode)
     encoder = ChunkedEmbedder(module, batch_size, strategy.retries_oom)
     loader = device_batches(
@@ -162,12 +165,9 @@ def main(
     # Ranks of one tensor-parallel group see the same batches: only the first one counts them.
     counts = strategy.writes
     progress = tqdm(desc=f"evaluating {len(mine)} shards", unit=" samples", disable=fabric.global_rank != 0)
+    prompts = Prompts(tokenizer, classes, templates) if spec.labelled else None
     with torch.inference_mode():
-        if task == "zeroshot":
-            metrics, samples, errors = _zeroshot(fabric, encoder, tokenizer, loader, classes, templates, data,
-                                                 counts, progress)  # fmt: skip
-        else:
-            metrics, samples, errors = _retrieval(fabric, encoder, loader, counts, progress)
+        metrics, samples, errors = spec.measure(fabric, encoder, loader, counts, progress, prompts)
     progress.close()
     totals = {"samples": samples, "skipped": errors} | ({"classes": len(classes)} if classes else {})
     report = {"task": task, "metrics": metrics, "counts": totals, "model": config["model"]}
@@ -181,13 +181,22 @@ def main(
     return report
 
 
-def _zeroshot(fabric, encoder, tokenizer, loader, classes, templates, data, counts, progress):
+class Prompts(NamedTuple):
+    """What a labelled task builds its zero-shot classifier from."""
+
+    tokenizer: Callable
+    classes: list[str]
+    templates: list
+
+
+def _zeroshot(fabric, encoder, loader, counts, progress, prompts: Prompts):
     """Top-k accuracy of ``argmax(image @ classifier.T)``; torchmetrics sums the counts over ranks."""
     import torch
     from torchmetrics.classification import MulticlassAccuracy
 
     from clip_fabric.zeroshot import sharded_classifier
 
+    tokenizer, classes, templates = prompts
     weights = sharded_classifier(
         fabric, lambda tokens: encoder(None, fabric.to_device(tokens))["text"], tokenizer, classes, templates,
         encoder.max_batch,
@@ -216,7 +225,7 @@ def _zeroshot(fabric, encoder, tokenizer, loader, classes, templates, data, coun
     return metrics, samples, errors
 
 
-def _retrieval(fabric, encoder, loader, counts, progress):
+def _retrieval(fabric, encoder, loader, counts, progress, prompts: None = None):
     """Recall@k both ways over the whole set: every rank gathers all candidates, ranks its own queries
     against them, and torchmetrics averages the hits over ranks."""
     from torchmetrics import MeanMetric
@@ -247,6 +256,23 @@ def _retrieval(fabric, encoder, loader, counts, progress):
             if len(ranks):
                 metric.update((ranks < k).float())
     return {name: _value(metric) for name, metric in recall.items()}, samples, errors
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """One ``--task``: the predict mode whose batches it reads (``modes.MODES``), whether it takes class
+    names and prompt templates, and how it measures: ``measure(fabric, encoder, loader, counts, progress,
+    prompts)`` gives the metrics and the samples and skipped samples of all ranks."""
+
+    mode: str
+    labelled: bool
+    measure: Callable[..., tuple[dict, int, int]]
+
+
+TASKS: dict[str, EvalTask] = {
+    "zeroshot": EvalTask("image", labelled=True, measure=_zeroshot),
+    "retrieval": EvalTask("both", labelled=False, measure=_retrieval),  # its pairs need captions
+}
 
 
 def _gather_rows(fabric: Fabric, parts: list[Tensor]) -> tuple[Tensor, int]:

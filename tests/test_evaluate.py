@@ -274,3 +274,16 @@ def test_nothing_readable_is_an_error_not_a_zero(tmp_path, tiny_config):
     data = DataArgs(format="webdataset", source=str(tmp_path / "broken.tar"), num_workers=0)
     with pytest.raises(ValueError, match=r"no sample of --data.source could be read \(1 skipped\)"):
         _setup(tmp_path, tiny_config, data, task="retrieval")
+
+
+def test_every_task_of_the_cli_is_in_the_registry():
+    """--task's choices (a Literal, for the CLI) and the task registry name the same tasks, and each reads
+    the batches of a predict mode."""
+    import typing
+
+    from clip_fabric.evaluate import TASKS, Task
+    from clip_fabric.modes import MODES
+
+    assert typing.get_args(Task) == tuple(TASKS)
+    assert all(spec.mode in MODES for spec in TASKS.values())
+    assert [name for name, spec in TASKS.items() if spec.labelled] == ["zeroshot"]

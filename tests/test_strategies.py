@@ -201,3 +201,10 @@ def test_hybrid_out_of_memory_retry_keeps_the_pair_in_step():
 def test_only_vision_ranks_share_the_cpus_under_hybrid():
     assert build_strategy("hybrid", 8, 1).reading_ranks(8) == 4
     assert build_strategy("ddp", 8, 1).reading_ranks(8) == 8
+
+
+def test_only_hybrid_cannot_encode_texts_alone():
+    """evaluate's zero-shot classifier encodes prompts without images: hybrid's text ranks cannot."""
+    from clip_fabric.strategies import STRATEGIES
+
+    assert {name for name, cls in STRATEGIES.items() if not cls.encodes_texts_alone} == {"hybrid"}

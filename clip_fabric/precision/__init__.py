@@ -21,9 +21,9 @@ _LAZY = {
 }
 
 PRECISIONS = ("32-true", "16-mixed", "16-true", "bf16-mixed", "bf16-true", "fp8", "auto")
-# Measured on an H200 (docs/precision.md, docs/measurements/2026-12-01-fp8): Transformer Engine's FP8 ran
-# 1.17-1.29x bf16-true but at image cosine 0.997-0.9985 to float32, outside the fidelity bound (0.9999),
-# so ``auto`` does not pick it. Set True only once a recipe is faster within the bound.
+# Transformer Engine's FP8 was measured faster than bf16-true but outside the fidelity bound (image cosine
+# 0.9999 to float32; docs/precision.md, docs/measurements/2026-12-01-fp8), so ``auto`` does not pick it.
+# Set True only once a recipe is faster within the bound.
 FP8_MEASURED_FASTER = False
 
 
@@ -48,9 +48,8 @@ def choose_auto(capability: tuple[int, int] | None, device_name: str = "") -> tu
         return "16-mixed", False, f"{gpu} has fp16 tensor cores and no bf16: 16-mixed with fp32 norms"
     if capability >= MIN_FP8_CAPABILITY and FP8_MEASURED_FASTER:
         return "fp8", True, f"{gpu} has FP8 tensor cores and FP8 was measured faster than bf16"
-    # Pure bf16 is the fast path (autocast casts around every op: ViT-B-32's tower ran 28,292 images/s
-    # under bf16-mixed and 45,866 under bf16-true on an H200) and it kept cosine 0.99992 to float32 on
-    # ViT-L-14 (verify-precision, docs/precision.md): within the project's fidelity bound.
+    # Pure bf16 is the fast path (autocast casts around every op) and stays within the project's fidelity
+    # bound: the speed and the verify-precision cosines are in docs/precision.md.
     why = f"{gpu} has bf16 tensor cores: bf16-true (1.6x bf16-mixed, cosine >= 0.9999 to float32)"
     if capability >= MIN_FP8_CAPABILITY:
         why += (

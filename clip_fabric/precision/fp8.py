@@ -8,12 +8,11 @@ attention as two real ``nn.Linear`` layers around ``scaled_dot_product_attention
 each block as Transformer Engine's ``LayerNormLinear`` (LN_1 + QKV), ``Linear`` (out projection) and
 ``LayerNormMLP`` (LN_2 + fc1 + GELU + fc2).
 
-Measured on one H200 (docs/measurements/2026-12-01-fp8/, random weights): ``--precision fp8``
-(``TransformerEngineFp8Precision``: fused blocks in both towers, per-tensor current scaling) ran images
-1.17x (ViT-L-14), 1.18x (ViT-H-14) and 1.29x (ViT-bigG-14) as fast as ``bf16-true``, at image cosine
-0.9985 / 0.9985 / 0.9973 and text cosine 0.995 / 0.995 / 0.994 to float32 (bf16-true: 0.9999). Lightning's
-plugin ran 0.86x / 0.88x / 0.99x, torchao's float8 without ``torch.compile`` 0.41x / 0.47x / 0.55x: neither
-is used (torchao's plugin, which no command reached, is gone; it is in 8ffec72 for experiments).
+``--precision fp8`` (``TransformerEngineFp8Precision``: fused blocks in both towers, per-tensor current
+scaling) was measured faster than ``bf16-true`` on the large towers but further from float32 than the
+fidelity bound; Lightning's plugin and torchao's float8 were slower, and neither is used. The figures:
+docs/precision.md and docs/measurements/2026-12-01-fp8/README.md. torchao's plugin, which no command
+reached, is gone (it is in 8ffec72, for experiments).
 """
 
 from __future__ import annotations
@@ -260,11 +259,10 @@ class TransformerEngineFp8Precision(Fp32NormsHalfPrecision):
     and each open_clip transformer block of ``towers`` as a :class:`TeResidualBlock` run under
     Transformer Engine's FP8 ``recipe``.
 
-    The defaults are the measured choice: current scaling, as accurate as block scaling (image cosine
-    0.9973 against 0.9972 on ViT-bigG-14) and faster (704 against 623 images/s); delayed scaling was 11%
-    faster still but at 0.990 (text 0.927). Both towers: the text tower kept cosine 0.994 in FP8 and ran
-    1.34x on ViT-bigG-14, while ``towers="image"`` leaves it in bf16 with float32 norms, 14% slower than
-    ``bf16-true``'s text tower."""
+    The defaults are the measured choice (docs/measurements/2026-12-01-fp8/README.md): current scaling,
+    as accurate as block scaling and faster; delayed scaling was faster still but much further from
+    float32. Both towers: the text tower kept its cosine in FP8 and ran faster, while ``towers="image"``
+    leaves it in bf16 with float32 norms, slower than ``bf16-true``'s text tower."""
 
     def __init__(
         self,

@@ -21,6 +21,8 @@ class InferenceStrategy:
     """The towers run on different ranks or devices: only modes that run both towers per batch apply."""
     local_forward: ClassVar[bool] = True
     """A rank can run a forward alone (the batch-size probe needs that)."""
+    encodes_texts_alone: ClassVar[bool] = True
+    """Texts can be encoded without their images (a zero-shot classifier's prompts: ``evaluate``)."""
     retries_oom: ClassVar[bool] = True
     """A batch that runs out of memory may be retried in halves by this rank alone (not where the ranks
     of a group run each forward's collectives together: one rank's retry would leave the others behind)."""

@@ -65,6 +65,7 @@ class PairedEmbedder(nn.Module):
 class HybridTowerStrategy(InferenceDDPStrategy):
     splits_towers = True
     local_forward = False  # a vision rank's forward waits for its partner: no rank can probe alone
+    encodes_texts_alone = False  # a text rank only serves the captions of its partner's pairs
 
     def __init__(self, layout: TowerLayout = "adjacent", **kwargs) -> None:
         super().__init__(**kwargs)
