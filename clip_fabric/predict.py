@@ -91,45 +91,15 @@ def setup(
     Returns:
         The run summary (also written to ``<output.dir>/summary.json``).
     """
-    from clip_fabric.model import check_model, hf_hub_revision
-    from clip_fabric.strategies import strategy_class
-    from clip_fabric.zeroshot import load_class_names, load_templates
-
     started = time.perf_counter()
     job_mode = MODES[mode]
-    cls = strategy_class(strategy, devices, num_nodes)
-    job_mode.check(threshold, cls is not None and cls.splits_towers, strategy)
-    if job_mode.labels:
-        class_names, _ = load_class_names(zeroshot.class_names), load_templates(zeroshot.templates)
-        if zeroshot.top_k > len(class_names):
-            raise ValueError(f"--zeroshot.top_k {zeroshot.top_k} exceeds the {len(class_names)} class names")
-    if data.decode == "gpu" and accelerator == "cpu":
-        raise ValueError("--data.decode gpu needs --accelerator cuda (or auto on a GPU machine); use cpu")
-    check_model(model)
+    _check(job_mode, model, zeroshot, threshold, data, accelerator, strategy, devices, num_nodes)
     source = build_source(data, text_only=not job_mode.reads_images)
     if not source.shards():  # said before the model loads, and no folder, lock or state file is left
         return {"rows": 0, "errors": 0, "filtered": 0, "shards_done": 0, "shards_total": 0, "this_run": None}
-    run = {
-        "fingerprint": fingerprint(
-            model, data, output, mode, resolve_precision(precision, accelerator), hf_hub_revision(model)
-        )
-        | {"threshold": threshold, "zeroshot": asdict(zeroshot) if job_mode.labels else None}
-        | tf32_fingerprint(precision, tf32, accelerator, float32_logits=job_mode.labels),
-        "config": {
-            "model": asdict(model),
-            "data": asdict(data),
-            "output": asdict(output),
-            "mode": mode,
-            "accelerator": accelerator,
-            "devices": devices,
-            "num_nodes": num_nodes,
-            "strategy": strategy,
-            "precision": precision,
-            "tf32": tf32,
-            "threshold": threshold,
-            "zeroshot": asdict(zeroshot),
-        },
-    }
+    launch = {"accelerator": accelerator, "devices": devices, "num_nodes": num_nodes, "strategy": strategy,
+              "precision": precision, "tf32": tf32}  # fmt: skip
+    run = _run_record(model, data, output, mode, threshold, zeroshot, launch)
     folder = RunFolder(output.dir)
     fabric = build_fabric(
         accelerator, devices, num_nodes, strategy, precision, tf32, timeout_s, tower_layout,
@@ -142,6 +112,48 @@ def setup(
             folder.start(run, output.overwrite)
         job = Job(source, model, data, output, job_mode, threshold, zeroshot, run, started)
         return fabric.launch(main, job)
+
+
+def _check(
+    job_mode: Mode, model: ModelArgs, zeroshot: ZeroShotArgs, threshold: float | None, data: DataArgs,
+    accelerator: str, strategy: str, devices: int | str, num_nodes: int,
+) -> None:  # fmt: skip
+    """What setup refuses before any work: a mode the strategy cannot run, zero-shot classes that do not
+    load, a GPU decode without a GPU, a model open_clip does not know."""
+    from clip_fabric.model import check_model
+    from clip_fabric.strategies import strategy_class
+    from clip_fabric.zeroshot import load_class_names, load_templates
+
+    cls = strategy_class(strategy, devices, num_nodes)
+    job_mode.check(threshold, cls is not None and cls.splits_towers, strategy)
+    if job_mode.labels:
+        class_names, _ = load_class_names(zeroshot.class_names), load_templates(zeroshot.templates)
+        if zeroshot.top_k > len(class_names):
+            raise ValueError(f"--zeroshot.top_k {zeroshot.top_k} exceeds the {len(class_names)} class names")
+    if data.decode == "gpu" and accelerator == "cpu":
+        raise ValueError("--data.decode gpu needs --accelerator cuda (or auto on a GPU machine); use cpu")
+    check_model(model)
+
+
+def _run_record(
+    model: ModelArgs, data: DataArgs, output: OutputArgs, mode: ModeName, threshold: float | None,
+    zeroshot: ZeroShotArgs, launch: dict,
+) -> dict:  # fmt: skip
+    """run.json: what must not change for a resume (the fingerprint) and the options as given."""
+    from clip_fabric.model import hf_hub_revision
+
+    labels = MODES[mode].labels
+    precision, tf32, accelerator = launch["precision"], launch["tf32"], launch["accelerator"]
+    return {
+        "fingerprint": fingerprint(
+            model, data, output, mode, resolve_precision(precision, accelerator), hf_hub_revision(model)
+        )
+        | {"threshold": threshold, "zeroshot": asdict(zeroshot) if labels else None}
+        | tf32_fingerprint(precision, tf32, accelerator, float32_logits=labels),
+        "config": {"model": asdict(model), "data": asdict(data), "output": asdict(output), "mode": mode}
+        | launch
+        | {"threshold": threshold, "zeroshot": asdict(zeroshot)},
+    }
 
 
 def main(fabric: Fabric, job: Job) -> dict:
