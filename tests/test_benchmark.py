@@ -92,6 +92,11 @@ def test_benchmark_reports_model_pipeline_and_naive_loop(tmp_path, tiny_config, 
     embeddings, keys = read_output(Path(e2e["output_dir"]))
     assert embeddings.shape == (24, 32) and len(set(keys)) == 24  # every generated image, once
 
+    [path] = report["data_path"]  # the loader and decode alone, on the same shards
+    assert path["error"] is None, path
+    assert path["images"] == 24 and path["images_per_s"] > 0 and path["decode_used"] == "cpu"
+    assert "Data path alone" in report_module.format_tables(report)
+
     [naive] = report["naive"]
     assert naive["error"] is None, naive
     assert naive["images_per_s"] > 0 and naive["images"] == 24

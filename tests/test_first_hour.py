@@ -328,3 +328,20 @@ def test_the_readme_sets_up_a_venv_and_a_cpu_only_install_at_the_pinned_versions
     for package in ("torch", "torchvision"):
         pinned = re.search(rf'"{package}==([\d.]+)"', pyproject).group(1)
         assert f"{package}=={pinned} " in cpu, (package, pinned, cpu)
+
+
+def test_files_mode_text_output_carries_the_lists_image_paths(tmp_path, tiny_config):
+    """Before: ``image_path`` was null in text mode, though the list names each row's image."""
+    listing = tmp_path / "list.csv"
+    listing.write_text("image_path,caption\nimgs/a.jpg,a cat\n,a dog\nhttp://host/c.jpg,a bird\n")
+    out = tmp_path / "out"
+    summary = setup(
+        model=ModelArgs(config=str(tiny_config)),
+        data=DataArgs(format="files", source=str(listing), num_workers=0),
+        output=OutputArgs(dir=str(out)),
+        mode="text",
+        accelerator="cpu",
+    )
+    assert summary["rows"] == 3  # text mode reads no image: a missing file is no error
+    meta = pd.concat(pd.read_parquet(p) for p in sorted((out / "metadata").glob("*.parquet")))
+    assert meta["image_path"].tolist() == [str(tmp_path / "imgs" / "a.jpg"), None, "http://host/c.jpg"]

@@ -9,7 +9,7 @@ so that one run cannot leave memory, threads or a CUDA context behind for the ne
 - ``shards.py``: the generated JPEGs, as webdataset shards and as a folder, cached in ``--work_dir``;
 - ``runs.py``: each measurement from the command's side (its process, its report row); end to end is
   ``python -m clip_fabric predict`` exactly as a user runs it, tuned or with no performance options;
-- ``measure.py``: what runs inside the model-only and naive-loop processes;
+- ``measure.py``: what runs inside the model-only, data-path-alone and naive-loop processes;
 - ``processes.py``: a process with logs, a time limit and ``nvidia-smi`` sampling;
 - ``report.py``: ratios, the JSON, the tables and the chart.
 """
@@ -25,10 +25,12 @@ from clip_fabric.benchmark.options import BenchmarkArgs, check_names
 from clip_fabric.benchmark.report import best_tuned, format_tables, save
 from clip_fabric.benchmark.runs import (
     check_predict_options,
+    run_data_path,
     run_defaults,
     run_end_to_end,
     run_model_only,
     run_naive,
+    shards_to_read,
 )
 from clip_fabric.benchmark.shards import make_dataset, make_folder
 from clip_fabric.benchmark.shards import synthetic_photo as synthetic_photo  # docs/measurements/ scripts
@@ -42,10 +44,11 @@ RANDOM_WEIGHTS = (
 def setup(**options: Any) -> dict:
     """Images/s of the model alone, of predict end to end, and of a naive loop, measured in one run.
 
-    Model only: synthetic tensors already on the device. End to end: ``predict`` from JPEG webdataset
-    shards that this command generates (and caches in ``work_dir``) to embeddings on disk; with
-    ``--folder_images``, also from a folder of JPEG files; with ``--defaults true``, also ``predict``
-    without any performance option beside each tuned run. Naive: the same shards through PIL
+    Model only: synthetic tensors already on the device. Data path alone: predict's loader and device
+    stage with no model, the bound of the end-to-end runs on the same shards. End to end: ``predict``
+    from JPEG webdataset shards that this command generates (and caches in ``work_dir``) to embeddings
+    on disk; with ``--folder_images``, also from a folder of JPEG files; with ``--defaults true``, also
+    ``predict`` without any performance option beside each tuned run. Naive: the same shards through PIL
     ``preprocess`` in DataLoader workers and a float32 model. With batch latency, peak memory and GPU
     utilisation. Prints tables, writes a JSON report and a PNG chart (docs/benchmarks.md). Weights are
     random (``--model.pretrained`` for real ones): the speed is that of trained weights.
@@ -83,6 +86,7 @@ def run(args: BenchmarkArgs) -> dict:
         "end_to_end": [],
         "defaults": [],
         "naive": [],
+        "data_path": [],
     }
     gpu_count = machine.get("cuda_devices") or 0
     save(report, args.output_path, args.chart_path, started, final=False)
@@ -98,6 +102,12 @@ def run(args: BenchmarkArgs) -> dict:
                         row = run_end_to_end(args, name, prec, data, decode_mode, count, rate, gpu_count)
                         report["end_to_end"].append(row)
                         save(report, args.output_path, args.chart_path, started, final=False)
+            if data["input"] == "webdataset":  # the bound of the runs above: no model, one device
+                rate = next((r["images_per_s"] for r in model_only if r["model"] == name), None)
+                shards = shards_to_read(args, data, rate, 1) or data["shards"]
+                for decode_mode in args.decodes:
+                    report["data_path"].append(run_data_path(args, name, data, decode_mode, shards))
+                save(report, args.output_path, args.chart_path, started, final=False)
             for count in args.device_counts if args.defaults else []:
                 tuned = best_tuned(report, name, data["input"], data["image_size"], count)
                 report["defaults"].append(run_defaults(args, name, data, count, tuned, gpu_count))

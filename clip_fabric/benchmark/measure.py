@@ -172,11 +172,54 @@ def naive(request: dict) -> dict:
     }
 
 
+def data_path(request: dict) -> dict:
+    """The data path alone: predict's own loader (``DeviceBatches``: workers, decode, the device stage)
+    over the shards, with no model, timed from its first batch on the device to its last (a device
+    synchronisation at each end), as predict's steady rate is."""
+    import time
+
+    import torch
+
+    from clip_fabric.config import DataArgs
+    from clip_fabric.data import build_source
+    from clip_fabric.data.pipeline import DeviceBatches, resolve_decode
+    from clip_fabric.model import load_model
+    from clip_fabric.modes import MODES
+
+    _, preprocess, tokenizer = load_model(ModelArgs(**request["model"]))
+    cuda = request["accelerator"] != "cpu" and torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    data = DataArgs(format="webdataset", source=request["source"], num_workers=request["num_workers"],
+                    decode=request["decode"] or "auto")  # fmt: skip
+    source = build_source(data)
+    decode = resolve_decode(data.decode, device, preprocess)
+    batches = DeviceBatches(source, source.shards(), preprocess, tokenizer, data, request["batch_size"],
+                            device, decode, MODES["image"])  # fmt: skip
+    rows = first = 0
+    start = None
+    for batch in batches:
+        if start is None:
+            sync()
+            start, first = time.perf_counter(), len(batch.rows)
+        rows += len(batch.rows)
+    sync()
+    seconds = time.perf_counter() - start if start is not None else 0.0
+    rate = (rows - first) / seconds if seconds > 0 and rows > first else None
+    return {
+        "images": rows,
+        "images_per_s": round(rate, 1) if rate else None,
+        "decode_used": decode,
+        "jpeg_library": batches.jpeg_library,
+        "num_workers_used": batches.workers,
+    }
+
+
 def worker_main(argv: list[str]) -> int:
-    """``python -m clip_fabric.benchmark {model-only|naive} REQUEST.json RESULT.json``: read the
+    """``python -m clip_fabric.benchmark {model-only|naive|data-path} REQUEST.json RESULT.json``: read the
     request the command wrote, measure, write the result for the command to read."""
     kind, request_path, result_path = argv
     request = json.loads(Path(request_path).read_text())
-    result = {"model-only": model_only, "naive": naive}[kind](request)
+    result = {"model-only": model_only, "naive": naive, "data-path": data_path}[kind](request)
     Path(result_path).write_text(json.dumps(result, indent=2))
     return 0

@@ -140,6 +140,16 @@ DEFAULTS_COLUMNS = (
     ("of tuned (wall)", lambda r: r.get("of_tuned_wall"), "{:.0%}"),
     ("error", lambda r: r.get("error"), "{}"),
 )
+DATA_PATH_COLUMNS = (
+    ("model", lambda r: r["model"], "{}"),
+    ("image size", lambda r: r["image_size"], "{}"),
+    ("images", lambda r: r.get("images"), "{:,}"),
+    ("decode", lambda r: r.get("decode_used") or r.get("decode"), "{}"),
+    ("JPEG library", lambda r: r.get("jpeg_library"), "{}"),
+    ("workers", lambda r: r.get("num_workers_used"), "{}"),
+    ("images/s", lambda r: r.get("images_per_s"), "{:,.0f}"),
+    ("error", lambda r: r.get("error"), "{}"),
+)
 NAIVE_COLUMNS = (
     ("model", lambda r: r["model"], "{}"),
     ("image size", lambda r: r["image_size"], "{}"),
@@ -174,6 +184,9 @@ def format_tables(report: dict) -> str:
     lines += _table(
         "End to end (predict: JPEG shards -> embeddings on disk)", E2E_COLUMNS, report["end_to_end"]
     )
+    if report.get("data_path"):
+        title = "Data path alone (predict's loader and device stage, no model, one device)"
+        lines += _table(title, DATA_PATH_COLUMNS, report["data_path"])
     if report.get("defaults"):
         title = "Predict with its defaults (no performance options) against the best tuned run"
         lines += _table(title, DEFAULTS_COLUMNS, report["defaults"])

@@ -310,3 +310,30 @@ def run_naive(args: BenchmarkArgs, name: str, data: dict) -> dict:
     } | {k: run[k] for k in ("gpu_util_mean", "gpu_util_active_mean", "wall_s", "log")}
     print(f"  {row_line(row | {'decode': 'naive'})}", flush=True)
     return row
+
+
+def run_data_path(args: BenchmarkArgs, name: str, data: dict, decode_mode: str | None, shards: int) -> dict:
+    """The data path alone (``measure.data_path``) on the first ``shards`` shards of a data set, one
+    device: the most images/s the end-to-end runs on those images can reach."""
+    label = f"data-path-{name}-{_place(data)}-{decode_mode or 'default'}"
+    request = {
+        "model": asdict(args.model_for(name)),
+        "source": shard_pattern(data, shards),
+        "decode": decode_mode,
+        "batch_size": args.model_only_batch,
+        "num_workers": args.workers(1),
+        "accelerator": args.accelerator,
+    }
+    cmd, result_path = _worker_command("data-path", request, args.work / "runs" / label)
+    run = run_process(cmd, args.work / "logs" / label, args.timeout_s, visible_gpus(1))
+    result = json.loads(result_path.read_text()) if result_path.is_file() else {}
+    row = {
+        "model": name,
+        "image_size": data["image_size"],
+        "decode": decode_mode,
+        "images_available": shards * data["shard_size"],
+        **result,
+        "error": run["error"] or (None if result else "no result"),
+    } | {k: run[k] for k in ("gpu_util_mean", "gpu_util_active_mean", "wall_s", "log")}
+    print(f"  data path alone: {row_line(row)}", flush=True)
+    return row

@@ -75,8 +75,10 @@ class FileListSource:
         columns = _read_table(self.path, "caption" if text_only else "image_path")
         images = _pick(columns, image_column, IMAGE_COLUMNS, "--data.image_column")
         captions = _pick(columns, caption_column, CAPTION_COLUMNS, "--data.caption_column")
+        # Text mode reads no image, even where the list has paths; their paths still go to the metadata.
+        listed = images if text_only else None
         if text_only:
-            images = None  # text mode reads no image, even where the list has paths
+            images = None
             if captions is None:
                 raise ValueError(
                     f"{path}: no caption column ({'/'.join(CAPTION_COLUMNS)}) for --mode text; name it "
@@ -96,6 +98,7 @@ class FileListSource:
                 "name the path column with --data.image_column"
             )
         self.count = len(self.images if self.images is not None else self.captions)
+        self.paths = [_listed_path(v) for v in listed[1]] if listed else None
 
     @classmethod
     def from_args(cls, args: DataArgs, text_only: bool) -> FileListSource:
@@ -140,6 +143,9 @@ class FileListSource:
                 sample.image, sample.error = read_local(self.resolve(location), self.max_bytes)
         elif row in self.bad:
             sample.error = self.bad[row]
+        if self.paths is not None and self.paths[row]:
+            location = self.paths[row]
+            sample.meta["image_path"] = location if "://" in location else str(self.resolve(location))
         return sample
 
     def resolve(self, location: str) -> Path:
@@ -201,6 +207,14 @@ def _read_table(path: Path, line_column: str) -> dict[str, list]:
     raise ValueError(
         f"--data.source {path}: unsupported list format {suffix!r}; use .csv, .tsv, .parquet or .txt"
     )
+
+
+def _listed_path(value: object) -> str | None:
+    """A path of the list for text mode's metadata only: None where it is empty or not text."""
+    try:
+        return _cell(value) or None
+    except ValueError:
+        return None
 
 
 def _pick(
