@@ -399,3 +399,13 @@ def test_small_inputs_are_split_over_the_workers_and_come_back_in_shard_order():
     assert [(b.rows[0]["key"], b.last) for b in out] == [
         ("0", False), ("0", False), ("1", False), ("1", False), ("2", False), ("3", True),
     ]  # fmt: skip
+
+
+def test_an_image_no_decoder_reads_is_recorded_without_a_bytesio_repr():
+    """Before: ``cannot identify image file <_io.BytesIO object at 0x7f...>``, which names nothing."""
+    samples = [RawSample("bad", b"not an image at all", "c"), RawSample("ok", encoded((64, 48)), "c")]
+    cpu = CpuDecoder(PREPROCESS, open_clip.get_tokenizer("ViT-B-32"), mode="cpu")
+    [batch] = batches(samples, cpu, gpu_jpeg=False)
+    [error] = batch.errors
+    assert error["key"] == "bad" and error["reason"].startswith("undecodable image: UnidentifiedImageError")
+    assert "BytesIO" not in error["reason"] and "0x" not in error["reason"], error["reason"]

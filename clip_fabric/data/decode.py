@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import io
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -235,6 +236,13 @@ def _without_pil_limit() -> Iterator[None]:
         yield
     finally:
         Image.MAX_IMAGE_PIXELS = limit
+
+
+def undecodable(err: BaseException) -> str:
+    """An error record's reason for an image no decoder read: the exception in words, without PIL's
+    ``<_io.BytesIO object at 0x...>`` (the record's key, source and path say which file)."""
+    text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "(its bytes)", str(err))
+    return f"undecodable image: {type(err).__name__}: {text}"
 
 
 def pack_bytes(blobs: list[bytes]) -> tuple[Tensor, Tensor]:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from clip_fabric.data.batch import Batch
-from clip_fabric.data.decode import CpuDecoder, ImageSpec
+from clip_fabric.data.decode import CpuDecoder, ImageSpec, undecodable
 from clip_fabric.data.resize import BatchResize, Windows
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ class DeviceImageDecoder:
                     try:  # the CPU decoder tolerates some files the GPU refuses
                         out.cpu_rows[i] = self.cpu.image(blobs[i].tobytes())
                     except Exception as err:  # noqa: BLE001 - a broken file is a record, not a crash
-                        out.failed[i] = f"undecodable image: {type(err).__name__}: {err}"
+                        out.failed[i] = undecodable(err)
             if out.on_gpu:
                 out.windows = self.resize.pack([decoded[i] for i in out.on_gpu])
             out.ready = self.held = self._record()

@@ -22,7 +22,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from clip_fabric.data import RawSample, Shard, Source
 from clip_fabric.data.batch import Batch, PackedJpegs
-from clip_fabric.data.decode import CpuDecoder, jpeg_header, pack_bytes
+from clip_fabric.data.decode import CpuDecoder, jpeg_header, pack_bytes, undecodable
 
 GPU_JPEG_MODES = ("RGB", "L")
 
@@ -92,7 +92,7 @@ class ShardStream(IterableDataset):
                     return raw.image, None
             return self.decoder.decode(raw.image), None
         except Exception as err:  # noqa: BLE001 - whatever a broken file raises, the job goes on
-            return None, f"undecodable image: {type(err).__name__}: {err}"
+            return None, undecodable(err)
 
     def _batch(
         self, shard: Shard, rows: list, images: list, captions: list, errors: list, last: bool
