@@ -63,8 +63,9 @@ class DataArgs:
     """Where images are decoded: ``cpu`` (DataLoader workers; resize on uint8 tensors, within 1e-5 cosine
     of open_clip), ``pil`` (open_clip's own PIL preprocess: the reference), ``gpu`` (JPEGs decoded and
     resized in batches on the GPU: by nvImageCodec on the hardware JPEG engines with the ``gpu-jpeg``
-    extra, else torchvision's nvJPEG; other formats on the CPU) or ``auto``: ``gpu`` on H100/H200 (where it
-    was measured), ``cpu`` elsewhere. docs/benchmarks.md: the speed and closeness of each."""
+    extra, else torchvision's nvJPEG; other formats on the CPU) or ``auto``: ``gpu`` on H100/H200 with
+    the ``gpu-jpeg`` extra (where it was measured), ``cpu`` elsewhere. docs/benchmarks.md: the speed and
+    closeness of each."""
     dct_scaling: bool = False
     """``cpu`` decoding: decode JPEGs of at least twice the model's input size at 1/2, 1/4 or 1/8 scale
     (libjpeg's DCT scaling): about twice as fast on large photos, up to 1e-3 cosine from open_clip."""

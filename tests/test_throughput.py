@@ -322,10 +322,15 @@ def test_auto_decode_is_gpu_only_where_it_was_measured(monkeypatch):
     cuda = torch.device("cuda", 0)
     available = {"yes": True}
     monkeypatch.setattr(pipeline, "gpu_decode_available", lambda device: available["yes"])
+    library = {"name": "nvimgcodec"}
+    monkeypatch.setattr(pipeline, "jpeg_library", lambda device: library["name"])
     capability = {"value": (9, 0)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
     assert pipeline.resolve_decode("auto", torch.device("cpu"), PREPROCESS) == "cpu"
-    assert pipeline.resolve_decode("auto", cuda, PREPROCESS) == "gpu"  # H100, H200
+    assert pipeline.resolve_decode("auto", cuda, PREPROCESS) == "gpu"  # H100, H200 with nvImageCodec
+    library["name"] = "torchvision"  # nvJPEG alone is not within 1e-5 on photos: the cpu path
+    assert pipeline.resolve_decode("auto", cuda, PREPROCESS) == "cpu"
+    library["name"] = "nvimgcodec"
     capability["value"] = (8, 0)
     assert pipeline.resolve_decode("auto", cuda, PREPROCESS) == "cpu"  # not measured there
     capability["value"], available["yes"] = (9, 0), False

@@ -24,7 +24,7 @@ from clip_fabric.config import DataArgs
 from clip_fabric.data import Shard, Source
 from clip_fabric.data.batch import Batch
 from clip_fabric.data.decode import CpuDecoder, ImageSpec
-from clip_fabric.data.device_decode import DeviceImageDecoder, gpu_decode_available
+from clip_fabric.data.device_decode import DeviceImageDecoder, gpu_decode_available, jpeg_library
 from clip_fabric.data.sizing import resolve_num_workers
 from clip_fabric.data.stream import ShardStream
 from clip_fabric.encode import DEFAULT_BATCH_SIZE, auto_batch_size
@@ -41,12 +41,11 @@ MIN_PART = 64  # fewest samples in one part of a shard that several workers read
 
 def resolve_decode(decode: str, device: torch.device, preprocess: Callable) -> str:
     """The decode path that runs. ``auto`` is the fastest path measured within 1e-5 cosine distance of
-    open_clip's own preprocess (docs/benchmarks.md): ``gpu`` (3e-6) on the GPUs it was measured on,
-    Hopper (H100, H200: 3x the ``cpu`` path for ViT-B-32), whose hardware JPEG decoder torchvision uses;
-    ``cpu`` (2e-7) everywhere else. For a slow tower (ViT-L-14) on one GPU with 16 workers, ``cpu`` was
-    8% faster in steady state, but slower to start, and on two GPUs with 32 workers each it scaled to
-    only 67% of linear. ``gpu`` costs such a tower a bounded 7% of its GPU time and scaled to four GPUs
-    with ViT-B-32, so ``auto`` keeps it; ``--data.decode cpu`` is there to try for a slow tower."""
+    open_clip's own preprocess: ``gpu`` on the GPUs it was measured on, Hopper (H100, H200), where
+    nvImageCodec (the ``gpu-jpeg`` extra) decodes on the hardware JPEG engines (8e-6 on photo-like
+    JPEGs); ``cpu`` (2e-7) everywhere else, and on Hopper without nvImageCodec, since torchvision's nvJPEG
+    alone measured 1.4e-4 on photo-like JPEGs (docs/measurements/2026-12-04-photo-speed/). For a slow
+    tower (ViT-L-14) ``cpu`` can be as fast; ``--data.decode`` names either."""
     if decode == "gpu":
         if device.type != "cuda":
             raise ValueError(f"--data.decode gpu needs a CUDA device, this rank has {device}; use cpu")
@@ -57,7 +56,15 @@ def resolve_decode(decode: str, device: torch.device, preprocess: Callable) -> s
         return "pil"
     if decode == "auto":
         measured = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
-        return "gpu" if measured and gpu_decode_available(device) else "cpu"
+        if not measured or not gpu_decode_available(device):
+            return "cpu"
+        if jpeg_library(device) != "nvimgcodec":
+            log.warning(
+                "--data.decode auto: cpu, as torchvision's nvJPEG alone is not within 1e-5 of open_clip on "
+                "photos; pip install 'clip_fabric[gpu-jpeg]' for the GPU path (nvImageCodec)"
+            )
+            return "cpu"
+        return "gpu"
     return decode
 
 
