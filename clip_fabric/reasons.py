@@ -8,11 +8,14 @@ count as one, shown by their first example. Torch-free.
 from __future__ import annotations
 
 import io
+import logging
 import re
 from collections import Counter
 
 SHOWN = 3  # reasons named in the final line
 _VARYING = re.compile(r"\S*[/\\]\S*|\S+\.\w{1,5}\b|0x[0-9a-f]+|\d+")
+
+log = logging.getLogger(__name__)
 
 
 def count_reasons(reasons: list[str]) -> list[list]:
@@ -38,7 +41,11 @@ def folder_reasons(fs, errors_dir: str) -> list[list]:  # noqa: ANN001 - an fssp
     for path in paths:
         if path.rsplit("/", 1)[-1].startswith("."):
             continue  # a temporary file of a write under way
-        table = pq.read_table(io.BytesIO(fs.cat_file(path)), columns=["reason"])
+        try:
+            table = pq.read_table(io.BytesIO(fs.cat_file(path)), columns=["reason"])
+        except Exception as err:  # noqa: BLE001 - a file the summary cannot read must not lose the summary
+            log.warning("error reasons: %s is unreadable (%s); its reasons are not counted", path, err)
+            continue
         reasons += table.column("reason").to_pylist()
     return count_reasons(reasons)
 

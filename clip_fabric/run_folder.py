@@ -443,9 +443,14 @@ def pad_metadata(folder: RunFolder, done: dict[int, dict]) -> bool:
 
     files = sorted(f for f in folder._sizes() if re.fullmatch(r"metadata/metadata_[0-9]+\.parquet", f))
     schemas = {}
-    for relpath in files:
-        with folder.fs.open(folder.path(relpath), "rb") as f:
-            schemas[relpath] = pq.read_schema(f)
+    for relpath in files:  # the done shards' files only: another's may be half written or foreign
+        if int(relpath[len("metadata/metadata_") : -len(".parquet")]) not in done:
+            continue
+        try:
+            with folder.fs.open(folder.path(relpath), "rb") as f:
+                schemas[relpath] = pq.read_schema(f)
+        except Exception as err:  # noqa: BLE001 - an unreadable file is not padded; the summary goes on
+            log.warning("metadata columns: %s is unreadable (%s); not padded", relpath, err)
     columns = {field.name: field.type for schema in schemas.values() for field in schema}
     padded = False
     for relpath, schema in schemas.items():

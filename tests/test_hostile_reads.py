@@ -120,3 +120,22 @@ def test_a_tar_member_over_the_byte_cap_is_its_samples_error_unread(tmp_path):
         "(raise it, or null for no limit)"
     )
     assert b.error is None and b.image == small and b.caption == "y"
+
+
+def test_a_member_over_the_byte_cap_fails_only_a_sample_that_reads_it(tmp_path):
+    """Text mode reads no image, and a large member the sample is not read for (.npy) is left unread."""
+    from conftest import write_tar
+
+    from clip_fabric.data.wds import WebDatasetSource
+
+    small, big = jpeg_bytes(0, (4, 4)), jpeg_bytes(1, (200, 200))
+    samples = [
+        {"__key__": "a", "jpg": big, "txt": b"x"},
+        {"__key__": "b", "jpg": small, "npy": big, "txt": b"y"},
+    ]
+    path = write_tar(tmp_path / "t.tar", samples)
+    limit = len(small) + 10
+    a, b = WebDatasetSource([str(path)], text_only=True, max_bytes=limit).samples(Shard(0, str(path)))
+    assert (a.error, a.caption, b.error, b.caption) == (None, "x", None, "y")
+    a, b = WebDatasetSource([str(path)], max_bytes=limit).samples(Shard(0, str(path)))
+    assert "a.jpg" in a.error and b.error is None and b.image == small

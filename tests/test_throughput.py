@@ -414,3 +414,48 @@ def test_an_image_no_decoder_reads_is_recorded_without_a_bytesio_repr():
     [error] = batch.errors
     assert error["key"] == "bad" and error["reason"].startswith("undecodable image: UnidentifiedImageError")
     assert "BytesIO" not in error["reason"] and "0x" not in error["reason"], error["reason"]
+
+
+def test_a_large_shard_is_read_whole_however_many_workers():
+    """Its later parts would wait in memory for its first: past SPLIT_AT_MOST samples it is not split."""
+    from clip_fabric.data.pipeline import SPLIT_AT_MOST, split_shards
+
+    big = [Shard(0, "a", 0, SPLIT_AT_MOST + 1)]
+    assert split_shards(big, 16) == big
+    assert len(split_shards([Shard(0, "a", 0, SPLIT_AT_MOST)], 16)) == 16
+
+
+def test_nvimgcodec_that_raises_on_a_batch_decodes_its_images_one_at_a_time():
+    """A file the library cannot parse must not cost the batch: each alone, the refused ones to the CPU."""
+    pytest.importorskip("nvidia.nvimgcodec")
+    from clip_fabric.data.device_decode import NvImageCodecJpegs
+
+    jpegs = NvImageCodecJpegs(torch.device("cpu"))
+    real = jpegs.decoder
+
+    class RaisesOnBatches:
+        def decode(self, codes, **kwargs):
+            if isinstance(codes, list):
+                raise RuntimeError("Could not parse input bitstream")
+            return real.decode(codes, **kwargs)
+
+    jpegs.decoder = RaisesOnBatches()
+    good = np.frombuffer(encoded((64, 48)), dtype=np.uint8)
+    out = jpegs([good, np.frombuffer(b"\xff\xd8\xff broken", dtype=np.uint8), good], None)
+    assert out[0].shape == (3, 48, 64) and out[1] is None and torch.equal(out[0], out[2])
+
+
+def test_an_unreadable_errors_file_does_not_cost_the_summary(tmp_path):
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clip_fabric.reasons import folder_reasons
+
+    (tmp_path / "errors").mkdir()
+    pq.write_table(
+        pa.table({"reason": ["no caption", "no caption"]}), tmp_path / "errors" / "errors_0.parquet"
+    )
+    (tmp_path / "errors" / "errors_1.parquet").write_bytes(b"not parquet")
+    reasons = folder_reasons(fsspec.filesystem("file"), str(tmp_path / "errors"))
+    assert reasons and reasons[0][1] == 2

@@ -107,12 +107,25 @@ class NvImageCodecJpegs:
     def __call__(self, blobs: list[np.ndarray], stream: torch.cuda.Stream | None) -> list[Tensor | None]:
         """CHW uint8 views of the decoded images (None where one could not be decoded), valid until the
         next call, ready on ``stream`` (the caller waits for it)."""
-        codes = [self.nv.CodeStream(blob) for blob in blobs]
-        reuse = {"images": self.spare[: len(codes)]} if len(self.spare) >= len(codes) else {}
         handle = stream.cuda_stream if stream is not None else 0
-        images = self.decoder.decode(codes, params=self.params, cuda_stream=handle, **reuse)
-        self.spare = [image for image in images if image is not None] + self.spare[len(codes) :]
+        try:
+            codes = [self.nv.CodeStream(blob) for blob in blobs]
+            reuse = {"images": self.spare[: len(codes)]} if len(self.spare) >= len(codes) else {}
+            images = self.decoder.decode(codes, params=self.params, cuda_stream=handle, **reuse)
+        except Exception as err:  # noqa: BLE001 - one file it cannot parse: each alone, the rest go on
+            log.warning("batched JPEG decode failed (%s): decoding the batch one image at a time", err)
+            self.spare = []
+            images = [self._one(blob, handle) for blob in blobs]
+        else:
+            self.spare = [image for image in images if image is not None] + self.spare[len(codes) :]
         return [None if image is None else self._tensor(image) for image in images]
+
+    def _one(self, blob: np.ndarray, handle: int) -> object | None:
+        """One image decoded alone; None where nvImageCodec cannot (the CPU decoder tries it next)."""
+        try:
+            return self.decoder.decode(self.nv.CodeStream(blob), params=self.params, cuda_stream=handle)
+        except Exception:  # noqa: BLE001
+            return None
 
     def decodes_on_device(self, jpeg: np.ndarray) -> bool:
         """Whether ``jpeg`` is decoded into this device's memory (on a GPU: not by the CPU fallback)."""

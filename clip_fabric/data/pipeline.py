@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 # image and its float copy for photos up to about 1 megapixel, and the batches in flight.
 GPU_DECODE_BYTES_PER_SAMPLE = 16 * 1024 * 1024
 MIN_PART = 64  # fewest samples in one part of a shard that several workers read
+# Only shards of at most this many samples are split (auto's largest): the later parts of a split shard wait
+# in memory for its first, so a huge --data.shard_size is read as it is.
+SPLIT_AT_MOST = 10_000
 
 
 def resolve_decode(decode: str, device: torch.device, preprocess: Callable) -> str:
@@ -184,9 +187,10 @@ device_batches = DeviceBatches
 
 def split_shards(shards: list[Shard], workers: int) -> list[Shard | tuple[Shard, int, int]]:
     """The pieces the workers read: the shards themselves where there are at least as many as workers
-    (or their length is not known before reading, as a tar's), else each shard cut into parts of at
-    least MIN_PART samples, ``(part, index, count)``, so that a small input keeps every worker busy."""
-    if len(shards) >= workers or not shards or any(s.stop <= s.start for s in shards):
+    (or their length is not known before reading, as a tar's, or it is over SPLIT_AT_MOST), else each
+    shard cut into parts of at least MIN_PART samples, ``(part, index, count)``, so that a small input
+    keeps every worker busy."""
+    if len(shards) >= workers or not shards or any(not 0 < s.stop - s.start <= SPLIT_AT_MOST for s in shards):
         return list(shards)
     pieces: list[Shard | tuple[Shard, int, int]] = []
     for shard in shards:

@@ -151,7 +151,8 @@ class BatchResize:
             block = torch.zeros(len(members), 3, h, w, dtype=torch.float32, device=images[0].device)
             for k, i in enumerate(members):
                 (y0, x0), (y1, x1) = geometry[i].low, geometry[i].high
-                block[k, :, : y1 - y0, : x1 - x0].copy_(images[i][:, y0:y1, x0:x1].expand(3, -1, -1))
+                window = images[i][:3, y0:y1, x0:x1]  # grey: one channel, repeated; alpha: dropped
+                block[k, :, : y1 - y0, : x1 - x0].copy_(window.expand(3, -1, -1))
             padded.append(block)
         return Windows(geometry, groups, padded)
 

@@ -101,7 +101,7 @@ class WebDatasetSource:
                     if ext in current:  # tar keeps both; which one is the sample's cannot be told
                         current.setdefault("__duplicates__", []).append(f"{key}.{ext}")
                     if file["data"] is None:
-                        current.setdefault("__too_big__", []).append(f"{key}.{ext} ({file['size']:,} bytes)")
+                        current.setdefault("__too_big__", {})[ext] = f"{key}.{ext} ({file['size']:,} bytes)"
                     current[ext] = file["data"] or b""
             if _is_file_name(shard.name, self.listed):
                 _check_tar_size(Path(shard.name))
@@ -152,9 +152,13 @@ class WebDatasetSource:
             raw.caption = text(sample[field], f"caption {raw.key}.{field}") if field else None
         except ValueError as err:  # an error only where the caption is needed (``text``, ``both``, ...)
             raw.caption_error = str(err)
-        if "__too_big__" in sample:
+        # A member over the cap fails the sample only where it is one the sample is read for: its image
+        # (not in text mode), its caption or its .json; a large .mp4 or .npy beside them is left unread.
+        needed = {field, "json", *(() if self.text_only else self.image_keys)}
+        too_big = [name for ext, name in sample.get("__too_big__", {}).items() if ext in needed]
+        if too_big:
             raw.error = writable(
-                f"tar member {', '.join(sample['__too_big__'])} is over --data.max_image_bytes "
+                f"tar member {', '.join(too_big)} is over --data.max_image_bytes "
                 f"{self.max_bytes:,}: not read (raise it, or null for no limit)"
             )
             return raw
