@@ -15,6 +15,8 @@ from typing import NoReturn
 
 from jsonargparse import ArgumentParser
 
+from clip_fabric.config_files import config_paths
+
 _UNRECOGNIZED = re.compile(r"unrecognized arguments: (.*)")
 _NOT_ACCEPTED = re.compile(r"(?:does not accept option|Key) ['\"]([\w.]+)['\"]")
 _CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)")
@@ -49,7 +51,7 @@ class OneLineErrorParser(ArgumentParser):
         line = one_line(
             message,
             option_names(parser),
-            config_files(self._argv if self._argv is not None else sys.argv[1:]),
+            config_paths(self._argv if self._argv is not None else sys.argv[1:]),
         )
         sys.stderr.write(f"clip_fabric: error: {line} (see {parser.prog.replace(' [options]', '')} --help)\n")
         self.exit(2)
@@ -70,17 +72,6 @@ def nearest(name: str, names: list[str]) -> str | None:
     """The known name closest to a mistyped one, if any is close."""
     found = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
     return found[0] if found else None
-
-
-def config_files(args: list[str]) -> list[str]:
-    """The ``--config`` files of a command line, in order."""
-    files = []
-    for i, arg in enumerate(args):
-        if arg == "--config" and i + 1 < len(args):
-            files.append(args[i + 1])
-        elif arg.startswith("--config="):
-            files.append(arg.split("=", 1)[1])
-    return files
 
 
 def one_line(message: str, names: list[str], configs: list[str]) -> str:

@@ -14,7 +14,7 @@ MAX_CONFIG_VALUES = 100_000
 
 def check_config_files(argv: list[str]) -> None:
     """Raise ``ValueError`` naming a ``--config`` file of ``argv`` that is too large or expands too far."""
-    for path in _config_paths(argv):
+    for path in config_paths(argv):
         try:
             size = os.path.getsize(path)
         except OSError:
@@ -35,7 +35,8 @@ def check_config_files(argv: list[str]) -> None:
             )
 
 
-def _config_paths(argv: list[str]) -> list[str]:
+def config_paths(argv: list[str]) -> list[str]:
+    """The ``--config`` files of a command line, in order."""
     paths = []
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv):
