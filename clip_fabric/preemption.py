@@ -242,9 +242,10 @@ def requeue_slurm_job() -> bool:
         return False
     if "SLURM_ARRAY_TASK_ID" in os.environ:
         job_id = f"{job_id}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    # Said before asking: SLURM may end this process as soon as the requeue is accepted.
+    log.warning("requeueing SLURM job %s; it resumes from the completed shards", job_id)
     result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
     if result.returncode != 0:
         log.error("scontrol requeue %s failed: %s", job_id, result.stderr.strip())
         return False
-    log.warning("requeued SLURM job %s; it resumes from the completed shards", job_id)
     return True
