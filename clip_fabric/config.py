@@ -69,9 +69,10 @@ class DataArgs:
     dct_scaling: bool = False
     """``cpu`` decoding: decode JPEGs of at least twice the model's input size at 1/2, 1/4 or 1/8 scale
     (libjpeg's DCT scaling): about twice as fast on large photos, up to 1e-3 cosine from open_clip."""
-    cpu_decode_share: float = 0.0
-    """With ``gpu`` decoding: the share of JPEGs the DataLoader workers decode anyway, so that idle CPU
-    cores add to the GPU decoder when it is the bottleneck (which JPEGs is fixed by their position)."""
+    cpu_decode_share: float | Literal["auto"] = "auto"
+    """With ``gpu`` decoding: the share of JPEGs the DataLoader workers decode anyway, so that their CPU
+    cores add to the GPU decoder; ``auto`` sets it while the run goes, from the times of the workers and
+    of the device stage (``data/balance.py``). A number fixes it (the same JPEGs on every run)."""
     num_workers: int | Literal["auto"] = "auto"
     """DataLoader worker processes per rank that read and decode samples, or ``auto``: the CPUs the rank
     may use less one (``SLURM_CPUS_PER_TASK``, else the process's CPU affinity shared among the ranks of
@@ -119,7 +120,7 @@ class DataArgs:
             raise ValueError(f"--data.max_image_pixels must be >= 1 or null, got {self.max_image_pixels}")
         if self.max_image_bytes is not None and self.max_image_bytes < 1:
             raise ValueError(f"--data.max_image_bytes must be >= 1 or null, got {self.max_image_bytes}")
-        if not 0.0 <= self.cpu_decode_share <= 1.0:
+        if self.cpu_decode_share != "auto" and not 0.0 <= self.cpu_decode_share <= 1.0:
             raise ValueError(f"--data.cpu_decode_share must be within [0, 1], got {self.cpu_decode_share}")
         if self.num_samples < 0:
             raise ValueError(f"--data.num_samples must be >= 0, got {self.num_samples}")

@@ -209,6 +209,8 @@ def main(fabric: Fabric, job: Job) -> dict:
                 writer.add(batch.shard, batch.source, finished, batch.errors, batch.last)
                 progress.add(len(finished.rows), len(batch.errors), finished.filtered, latency, batch.last)
         writer.close()
+        # The share of JPEGs the workers decoded beside the GPU decoder (rank 0's; auto sets it).
+        ran["cpu_decode_share"] = batches.balance.cpu_fraction() if batches.balance else None
         return _finish(fabric, job, folder, len(shards), progress, embedder.max_batch, ran, job_stop.raised)
 
 

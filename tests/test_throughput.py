@@ -14,6 +14,7 @@ from PIL import Image
 from clip_fabric import encode
 from clip_fabric.config import DataArgs, ModelArgs, OutputArgs
 from clip_fabric.data import RawSample, Shard
+from clip_fabric.data.balance import DecodeBalance
 from clip_fabric.data.decode import CpuDecoder, ImageSpec, jpeg_header
 from clip_fabric.data.device_decode import DeviceImageDecoder
 from clip_fabric.data.stream import ShardStream
@@ -221,11 +222,15 @@ def test_noise_jpeg_rows_keep_their_order_in_mixed_batches():
 def test_cpu_decode_share_keeps_a_fixed_part_of_jpegs_on_the_cpu():
     samples = [RawSample(f"k{i}", encoded((64, 48)), f"c{i}") for i in range(12)]
     cpu = CpuDecoder(PREPROCESS, open_clip.get_tokenizer("ViT-B-32"))
-    stream = ShardStream(ListSource(samples), [Shard(0, "list")], cpu, 16, True, True, True, cpu_share=0.25)
-    [packed] = list(stream)
-    assert packed.image_rows.tolist() == [3, 7, 11] and len(packed.jpegs.rows) == 9
+    balance = DecodeBalance(0.25, workers=1)
+    stream = ShardStream(ListSource(samples), [Shard(0, "list")], cpu, 16, True, True, True, balance=balance)
+    for _ in range(2):  # the same JPEGs on every run
+        [packed] = list(stream)
+        assert packed.image_rows.tolist() == [3, 7, 11] and len(packed.jpegs.rows) == 9
+        assert (packed.worker.decoded, packed.worker.rows) == (3, 12)
     with pytest.raises(ValueError, match="cpu_decode_share"):
         DataArgs(cpu_decode_share=1.5)
+    assert DataArgs().cpu_decode_share == "auto"
 
 
 def test_lifted_pixel_limit_lifts_pils_own(monkeypatch):

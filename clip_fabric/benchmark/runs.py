@@ -145,6 +145,7 @@ def _run_predict(args: BenchmarkArgs, label: str, options: list[str], out_dir: P
         "seconds": this.get("seconds"),
         "batch_size_used": this.get("batch_size"),
         "decode_used": this.get("decode"),
+        "cpu_decode_share_used": this.get("cpu_decode_share"),  # of the JPEGs, beside the GPU decoder
         # What predict ran with, as its summary says: the resolved value where it records one (this
         # run's), else the option as given (its config), e.g. ``auto``.
         "precision_used": _first(this.get("precision"), config.get("precision")),

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from clip_fabric.data.balance import WorkerTimes
+
 
 @dataclass
 class PackedJpegs:
@@ -38,6 +40,8 @@ class Batch:
     """Which of the ``parts`` of its shard the batch belongs to: a shard is read by several workers where
     there are fewer shards than workers, and ``last`` then ends one part (``pipeline.in_shard_order``)."""
     parts: int = 1
+    worker: WorkerTimes | None = None
+    """On the ``gpu`` path, the worker's seconds for the batch (``balance.DecodeBalance``)."""
 
     def pin_memory(self) -> Batch:
         """Called by the DataLoader's pin-memory thread, so the copies to the GPU can be asynchronous."""

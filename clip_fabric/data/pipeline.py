@@ -10,6 +10,7 @@ A background thread with its own CUDA stream was tried first and hung at scale o
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from clip_fabric.config import DataArgs
 from clip_fabric.data import Shard, Source
+from clip_fabric.data.balance import MOST, DecodeBalance
 from clip_fabric.data.batch import Batch
 from clip_fabric.data.decode import CpuDecoder, ImageSpec
 from clip_fabric.data.device_decode import DeviceImageDecoder, gpu_decode_available, jpeg_library
@@ -137,20 +139,21 @@ class DeviceBatches:
         # Decoded images cross from the workers through shared memory, which caps --data.num_workers
         # auto: uint8 pixels on the cpu path for a GPU (3 bytes a pixel), float32 model input otherwise
         # (12); JPEG bytes for the GPU decoder are small.
+        # (12); JPEG bytes for the GPU decoder are small, beside the share the workers decode.
+        pixels = batch_size * cpu.spec.crop[0] * cpu.spec.crop[1] if cpu.spec and mode.reads_images else 0
+        share = data.cpu_decode_share
         batch_bytes = (
-            (3 if cpu.normalise_on_device and cpu.mode == "cpu" else 12)
-            * batch_size
-            * cpu.spec.crop[0]
-            * cpu.spec.crop[1]
-            if cpu.spec and mode.reads_images and not gpu
-            else 0
+            int(3 * pixels * (MOST if share == "auto" else share))
+            if gpu
+            else (3 if cpu.normalise_on_device and cpu.mode == "cpu" else 12) * pixels
         )
         wanted = resolve_num_workers(data.num_workers, local_ranks, batch_bytes)
         pieces = split_shards(shards, wanted)
         self.workers = min(wanted, len(pieces))
+        self.balance = DecodeBalance(share, self.workers) if gpu else None
         stream = ShardStream(
             source, pieces, cpu, batch_size, mode.reads_images, mode.caption_required, gpu_jpeg=gpu,
-            cpu_share=data.cpu_decode_share,
+            balance=self.balance,
         )  # fmt: skip
         self.loader = DataLoader(
             stream,
@@ -175,7 +178,12 @@ class DeviceBatches:
                     yield batch.to(self.device, self.normalise)
             else:
                 for batch in batches:
-                    yield self.stage(batch)
+                    started = time.perf_counter()
+                    out = self.stage(batch)
+                    staged = time.perf_counter()
+                    yield out
+                    jpegs = len(batch.jpegs.lengths) if batch.jpegs is not None else 0
+                    self.balance.observe(batch.worker, staged - started, jpegs, time.perf_counter() - staged)
         except GeneratorExit:
             self.loader_iter = None
             raise

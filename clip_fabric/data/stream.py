@@ -15,12 +15,14 @@ rows of the batch each image tensor belongs to; ``clip_fabric.data.device_decode
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clip_fabric.data import RawSample, Shard, Source
+from clip_fabric.data.balance import DecodeBalance, ShareCounter, WorkerTimes
 from clip_fabric.data.batch import Batch, PackedJpegs
 from clip_fabric.data.decode import CpuDecoder, jpeg_header, pack_bytes, undecodable
 
@@ -37,7 +39,7 @@ class ShardStream(IterableDataset):
         need_image: bool,
         need_caption: bool,
         gpu_jpeg: bool = False,
-        cpu_share: float = 0.0,
+        balance: DecodeBalance | None = None,
     ) -> None:
         self.source = source
         self.shards = shards
@@ -46,7 +48,7 @@ class ShardStream(IterableDataset):
         self.need_image = need_image
         self.need_caption = need_caption  # the text tower runs: a sample without a caption is an error
         self.gpu_jpeg = gpu_jpeg
-        self.cpu_share = cpu_share
+        self.balance = balance  # with gpu_jpeg: the share of JPEGs decoded here anyway, and the times
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -59,10 +61,15 @@ class ShardStream(IterableDataset):
 
     def _batches(self, shard: Shard) -> Iterator[Batch]:
         rows, images, captions, errors = [], [], [], []
-        for position, raw in enumerate(self.source.samples(shard)):
-            # Every 1/share-th sample of a shard stays on the CPU: the same ones on every run.
-            on_gpu = self.gpu_jpeg and int((position + 1) * self.cpu_share) == int(position * self.cpu_share)
+        # The share's JPEGs are spread evenly from each shard's start: a fixed share decodes the same
+        # ones on the CPU on every run.
+        counter, times, clock = ShareCounter(), WorkerTimes(), time.perf_counter()
+        for raw in self.source.samples(shard):
+            on_gpu = self.gpu_jpeg and not (self.balance and counter.on_cpu(self.balance.share))
+            started = time.perf_counter()
             image, reason = self._decode(raw, on_gpu)
+            if self.gpu_jpeg and isinstance(image, torch.Tensor):
+                times.decode_s, times.decoded = times.decode_s + time.perf_counter() - started, times.decoded + 1
             if reason is not None:
                 where = {"image_path": raw.meta["image_path"]} if raw.meta.get("image_path") else {}
                 errors.append({"key": raw.key, "source": shard.name, "reason": reason} | where)
@@ -72,9 +79,17 @@ class ShardStream(IterableDataset):
             if self.need_caption:
                 captions.append(raw.caption)
             if len(rows) == self.batch_size:
-                yield self._batch(shard, rows, images, captions, errors, last=False)
+                yield self._timed(self._batch(shard, rows, images, captions, errors, last=False), times, clock)
                 rows, images, captions, errors = [], [], [], []
-        yield self._batch(shard, rows, images, captions, errors, last=True)
+                times, clock = WorkerTimes(), time.perf_counter()
+        yield self._timed(self._batch(shard, rows, images, captions, errors, last=True), times, clock)
+
+    def _timed(self, batch: Batch, times: WorkerTimes, clock: float) -> Batch:
+        """``batch`` with this worker's seconds for it, on the GPU path (``DecodeBalance``)."""
+        if self.gpu_jpeg:
+            times.other_s, times.rows = time.perf_counter() - clock - times.decode_s, len(batch.rows)
+            batch.worker = times
+        return batch
 
     def _decode(self, raw: RawSample, on_gpu: bool) -> tuple[torch.Tensor | bytes | None, str | None]:
         """The image tensor (or, for the GPU decoder, the checked JPEG bytes), or why there is none."""
