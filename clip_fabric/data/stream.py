@@ -69,7 +69,8 @@ class ShardStream(IterableDataset):
             started = time.perf_counter()
             image, reason = self._decode(raw, on_gpu)
             if self.gpu_jpeg and isinstance(image, torch.Tensor):
-                times.decode_s, times.decoded = times.decode_s + time.perf_counter() - started, times.decoded + 1
+                times.decode_s += time.perf_counter() - started
+                times.decoded += 1
             if reason is not None:
                 where = {"image_path": raw.meta["image_path"]} if raw.meta.get("image_path") else {}
                 errors.append({"key": raw.key, "source": shard.name, "reason": reason} | where)
@@ -79,7 +80,8 @@ class ShardStream(IterableDataset):
             if self.need_caption:
                 captions.append(raw.caption)
             if len(rows) == self.batch_size:
-                yield self._timed(self._batch(shard, rows, images, captions, errors, last=False), times, clock)
+                batch = self._batch(shard, rows, images, captions, errors, last=False)
+                yield self._timed(batch, times, clock)
                 rows, images, captions, errors = [], [], [], []
                 times, clock = WorkerTimes(), time.perf_counter()
         yield self._timed(self._batch(shard, rows, images, captions, errors, last=True), times, clock)
