@@ -10,12 +10,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from clip_fabric.data.batch import Batch
+
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +101,48 @@ def auto_batch_size(
         log.info("auto batch size on %s: %d (%.1f MB per sample, %.1f GB free)", device, sizes[-1],
                  per_sample / 1e6, free / 1e9)  # fmt: skip
     return max(1, min(*sizes, limit))
+
+
+def choose_batch_size(
+    fabric: Fabric,
+    module: nn.Module,
+    model: nn.Module,
+    batch_size: int | str,
+    towers: frozenset[str],
+    extra_bytes_per_sample: int = 0,
+) -> int:
+    """``batch_size`` (``--data.batch_size``), or what ``auto`` finds with one probe batch of the
+    ``towers`` that run on every device holding weights, the smallest over all ranks. A strategy whose
+    forward needs a partner rank (``local_forward = False``) cannot probe alone and gets the default.
+    ``extra_bytes_per_sample``: device memory kept free per sample besides the model's (the decode
+    path's, ``DecodePath.device_bytes_per_sample``)."""
+    from torch.distributed import ReduceOp
+
+    from clip_fabric.strategies import hooks
+
+    if batch_size != "auto":
+        return int(batch_size)
+    if not hooks(fabric.strategy).local_forward:
+        fabric.print(f"clip_fabric: batch size {DEFAULT_BATCH_SIZE} (auto cannot probe a paired forward)")
+        return DEFAULT_BATCH_SIZE
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    held = {p.device for p in model.parameters() if p.device.type == fabric.device.type}
+    devices = [fabric.device, *sorted(held - {fabric.device}, key=str)]  # two under model_parallel
+
+    def inputs(n: int) -> tuple:
+        return (
+            torch.zeros(n, 3, size, size, device=devices[0]) if "image" in towers else None,
+            torch.zeros(n, model.context_length, dtype=torch.int64, device=devices[0])
+            if "text" in towers
+            else None,
+        )
+
+    with torch.inference_mode():
+        found = auto_batch_size(module, inputs, devices, extra_bytes_per_sample=extra_bytes_per_sample)
+    found = int(fabric.all_reduce(torch.tensor(found, device=fabric.device), reduce_op=ReduceOp.MIN))
+    fabric.print(f"clip_fabric: batch size {found} (auto)")
+    return found
 
 
 class InFlight:

@@ -140,8 +140,9 @@ def main(
     import torch
     from tqdm import tqdm
 
-    from clip_fabric.data.pipeline import choose_batch_size, device_batches, resolve_decode
-    from clip_fabric.encode import ChunkedEmbedder
+    from clip_fabric.data.paths import resolve_decode
+    from clip_fabric.data.pipeline import device_batches
+    from clip_fabric.encode import ChunkedEmbedder, choose_batch_size
     from clip_fabric.model import Embedder, load_model
     from clip_fabric.strategies import hooks
 
@@ -156,7 +157,9 @@ def main(
     decode = resolve_decode(data.decode, fabric.device, preprocess)
     spec = TASKS[task]
     mode = MODES[spec.mode]
-    batch_size = choose_batch_size(fabric, module, model, data, mode.towers, decode)
+    batch_size = choose_batch_size(
+        fabric, module, model, data.batch_size, mode.towers, decode.device_bytes_per_sample
+    )
     encoder = ChunkedEmbedder(module, batch_size, strategy.retries_oom)
     loader = device_batches(
         source, mine, preprocess, tokenizer, data, batch_size, fabric.device, decode, mode,

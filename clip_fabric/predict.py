@@ -162,8 +162,9 @@ def main(fabric: Fabric, job: Job) -> dict:
     action, which fails the other ranks in their collectives."""
     import torch
 
-    from clip_fabric.data.pipeline import choose_batch_size, device_batches, resolve_decode
-    from clip_fabric.encode import encode_in_order
+    from clip_fabric.data.paths import PATHS, resolve_decode
+    from clip_fabric.data.pipeline import device_batches
+    from clip_fabric.encode import choose_batch_size, encode_in_order
     from clip_fabric.model import load_model
     from clip_fabric.strategies import hooks
     from clip_fabric.writers import ShardWriter
@@ -178,11 +179,15 @@ def main(fabric: Fabric, job: Job) -> dict:
         shards, mine, left = _shards(job.source, folder, strategy, fabric)
         local_ranks = strategy.reading_ranks(fabric.world_size // job.run["config"]["num_nodes"])
         _warn_idle_workers(fabric, job, shards, resolve_num_workers(job.data.num_workers, local_ranks))
-        decode = (
-            resolve_decode(job.data.decode, fabric.device, preprocess) if job.mode.reads_images else "none"
-        )
+        reads = job.mode.reads_images
+        decode = resolve_decode(job.data.decode, fabric.device, preprocess) if reads else PATHS["none"]
         embedder.max_batch = choose_batch_size(
-            fabric, embedder.module, model, job.data, job.mode.towers, decode
+            fabric,
+            embedder.module,
+            model,
+            job.data.batch_size,
+            job.mode.towers,
+            decode.device_bytes_per_sample,
         )
         batches = device_batches(
             job.source, mine, preprocess, tokenizer, job.data, embedder.max_batch, fabric.device, decode,
@@ -190,7 +195,7 @@ def main(fabric: Fabric, job: Job) -> dict:
         )  # fmt: skip
         # What this run settled on, for the summary (the options may say auto).
         ran = {
-            "decode": decode,
+            "decode": decode.name,
             "jpeg_library": batches.jpeg_library,
             "precision": job.run["fingerprint"]["precision"],
             "num_workers": batches.workers,

@@ -84,6 +84,7 @@ def test_predicts_pipeline_tunes_the_share_and_keeps_every_row():
     """``device_batches`` on the ``gpu`` path (its device stage runs on the CPU here) with ``auto``: every
     row once, in order, and the share set from the measured times of both sides."""
     from clip_fabric.config import DataArgs
+    from clip_fabric.data.paths import PATHS
     from clip_fabric.data.pipeline import device_batches
     from clip_fabric.modes import MODES
 
@@ -92,7 +93,7 @@ def test_predicts_pipeline_tunes_the_share_and_keeps_every_row():
     data = DataArgs(format="synthetic", num_workers=2, batch_size=8)
     assert data.cpu_decode_share == "auto"
     batches = device_batches(source, source.shards(), PREPROCESS, open_clip.get_tokenizer("ViT-B-32"), data,
-                             8, torch.device("cpu"), "gpu", MODES["image"])  # fmt: skip
+                             8, torch.device("cpu"), PATHS["gpu"], MODES["image"])  # fmt: skip
     out = list(batches)
     assert [r["key"] for b in out for r in b.rows] == [f"{i:03d}" for i in range(96)]
     assert all(b.images.shape[1:] == (3, 224, 224) for b in out if b.rows)

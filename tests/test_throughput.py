@@ -322,28 +322,32 @@ def test_gpu_decoder_normalises_the_rows_the_cpu_path_decoded():
 
 
 def test_auto_decode_is_gpu_only_where_it_was_measured(monkeypatch):
-    from clip_fabric.data import pipeline
+    from clip_fabric.data import device_decode
+    from clip_fabric.data.paths import PATHS, resolve_decode
 
     cuda = torch.device("cuda", 0)
     available = {"yes": True}
-    monkeypatch.setattr(pipeline, "gpu_decode_available", lambda device: available["yes"])
+    monkeypatch.setattr(device_decode, "gpu_decode_available", lambda device: available["yes"])
     library = {"name": "nvimgcodec"}
-    monkeypatch.setattr(pipeline, "jpeg_library", lambda device: library["name"])
+    monkeypatch.setattr(device_decode, "jpeg_library", lambda device: library["name"])
     capability = {"value": (9, 0)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
-    assert pipeline.resolve_decode("auto", torch.device("cpu"), PREPROCESS) == "cpu"
-    assert pipeline.resolve_decode("auto", cuda, PREPROCESS) == "gpu"  # H100, H200 with nvImageCodec
+    assert resolve_decode("auto", torch.device("cpu"), PREPROCESS) is PATHS["cpu"]
+    assert resolve_decode("auto", cuda, PREPROCESS) is PATHS["gpu"]  # H100, H200 with nvImageCodec
     library["name"] = "torchvision"  # nvJPEG alone is not within 1e-5 on photos: the cpu path
-    assert pipeline.resolve_decode("auto", cuda, PREPROCESS) == "cpu"
+    assert resolve_decode("auto", cuda, PREPROCESS) is PATHS["cpu"]
     library["name"] = "nvimgcodec"
     capability["value"] = (8, 0)
-    assert pipeline.resolve_decode("auto", cuda, PREPROCESS) == "cpu"  # not measured there
+    assert resolve_decode("auto", cuda, PREPROCESS) is PATHS["cpu"]  # not measured there
     capability["value"], available["yes"] = (9, 0), False
-    assert pipeline.resolve_decode("auto", cuda, PREPROCESS) == "cpu"  # a torchvision without nvJPEG
+    assert resolve_decode("auto", cuda, PREPROCESS) is PATHS["cpu"]  # a torchvision without nvJPEG
     with pytest.raises(ValueError, match="torchvision cannot decode JPEGs on this GPU"):
-        pipeline.resolve_decode("gpu", cuda, PREPROCESS)
+        resolve_decode("gpu", cuda, PREPROCESS)
     squash = open_clip.image_transform(224, is_train=False, resize_mode="squash")
-    assert pipeline.resolve_decode("auto", cuda, squash) == "pil"
+    assert resolve_decode("auto", cuda, squash) is PATHS["pil"]
+    assert resolve_decode("cpu", cuda, PREPROCESS).scales_jpegs and not PATHS["gpu"].scales_jpegs
+    assert PATHS["gpu"].on_device and PATHS["gpu"].device_bytes_per_sample > 0
+    assert not PATHS["none"].reads_images and PATHS["pil"].worker_mode == "pil"
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
@@ -352,6 +356,7 @@ def test_device_batches_ship_uint8_to_a_device_and_float_to_the_cpu(device, monk
     GPU here) the workers' batches carry uint8 pixels and arrive as float32 model input there; a CPU run
     normalises in the workers."""
     from clip_fabric.data.batch import Batch
+    from clip_fabric.data.paths import PATHS
     from clip_fabric.data.pipeline import device_batches
     from clip_fabric.data.synthetic import SyntheticSource
     from clip_fabric.modes import MODES
@@ -364,7 +369,7 @@ def test_device_batches_ship_uint8_to_a_device_and_float_to_the_cpu(device, monk
     source = SyntheticSource(12, 6, (64, 48))
     data = DataArgs(format="synthetic", num_workers=1, batch_size=4)
     out = list(device_batches(source, source.shards(), PREPROCESS, open_clip.get_tokenizer("ViT-B-32"), data,
-                              4, torch.device(device), "cpu", MODES["image"]))  # fmt: skip
+                              4, torch.device(device), PATHS["cpu"], MODES["image"]))  # fmt: skip
     shipped = torch.uint8 if device == "meta" else torch.float32
     assert set(crossed) - {None} == {shipped}
     assert all(b.images.dtype == torch.float32 and b.images.device.type == device for b in out if b.rows)

@@ -182,7 +182,8 @@ def data_path(request: dict) -> dict:
 
     from clip_fabric.config import DataArgs
     from clip_fabric.data import build_source
-    from clip_fabric.data.pipeline import DeviceBatches, resolve_decode
+    from clip_fabric.data.paths import resolve_decode
+    from clip_fabric.data.pipeline import DeviceBatches
     from clip_fabric.model import load_model
     from clip_fabric.modes import MODES
 
@@ -209,7 +210,7 @@ def data_path(request: dict) -> dict:
     return {
         "images": rows,
         "images_per_s": round(rate, 1) if rate else None,
-        "decode_used": decode,
+        "decode_used": decode.name,
         "jpeg_library": batches.jpeg_library,
         "num_workers_used": batches.workers,
     }

@@ -16,98 +16,25 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 
 import torch
-from lightning.fabric import Fabric
-from torch import nn
-from torch.distributed import ReduceOp
 from torch.utils.data import DataLoader
 
 from clip_fabric.config import DataArgs
 from clip_fabric.data import Shard, Source
 from clip_fabric.data.balance import MOST, DecodeBalance
 from clip_fabric.data.batch import Batch
-from clip_fabric.data.decode import CpuDecoder, ImageSpec
-from clip_fabric.data.device_decode import DeviceImageDecoder, gpu_decode_available, jpeg_library
+from clip_fabric.data.decode import CpuDecoder
+from clip_fabric.data.device_decode import DeviceImageDecoder
+from clip_fabric.data.paths import DecodePath
 from clip_fabric.data.sizing import resolve_num_workers
 from clip_fabric.data.stream import ShardStream
-from clip_fabric.encode import DEFAULT_BATCH_SIZE, auto_batch_size
 from clip_fabric.modes import Mode
 from clip_fabric.preemption import watch_workers, worker_shield
-from clip_fabric.strategies import hooks
 
 log = logging.getLogger(__name__)
-# Room kept per sample for what the GPU decoder holds besides the model's activations: the decoded
-# image and its float copy for photos up to about 1 megapixel, and the batches in flight.
-GPU_DECODE_BYTES_PER_SAMPLE = 16 * 1024 * 1024
 MIN_PART = 64  # fewest samples in one part of a shard that several workers read
 # Only shards of at most this many samples are split (auto's largest): the later parts of a split shard wait
 # in memory for its first, so a huge --data.shard_size is read as it is.
 SPLIT_AT_MOST = 10_000
-
-
-def resolve_decode(decode: str, device: torch.device, preprocess: Callable) -> str:
-    """The decode path that runs. ``auto`` is the fastest path measured within 1e-5 cosine distance of
-    open_clip's own preprocess: ``gpu`` on the GPUs it was measured on, Hopper (H100, H200), where
-    nvImageCodec (the ``gpu-jpeg`` extra) decodes on the hardware JPEG engines (8e-6 on photo-like
-    JPEGs); ``cpu`` (2e-7) everywhere else, and on Hopper without nvImageCodec, since torchvision's nvJPEG
-    alone measured 1.4e-4 on photo-like JPEGs (docs/measurements/2026-12-04-photo-speed/). For a slow
-    tower (ViT-L-14) ``cpu`` can be as fast; ``--data.decode`` names either."""
-    if decode == "gpu":
-        if device.type != "cuda":
-            raise ValueError(f"--data.decode gpu needs a CUDA device, this rank has {device}; use cpu")
-        if not gpu_decode_available(device):
-            raise ValueError("--data.decode gpu: torchvision cannot decode JPEGs on this GPU; use cpu")
-    if decode in ("gpu", "cpu", "auto") and ImageSpec.from_preprocess(preprocess) is None:
-        log.warning("this model's preprocess is not resize+center-crop: decoding with it on the CPU")
-        return "pil"
-    if decode == "auto":
-        measured = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
-        if not measured or not gpu_decode_available(device):
-            return "cpu"
-        if jpeg_library(device) != "nvimgcodec":
-            log.warning(
-                "--data.decode auto: cpu, as torchvision's nvJPEG alone is not within 1e-5 of open_clip on "
-                "photos; pip install 'clip_fabric[gpu-jpeg]' for the GPU path (nvImageCodec)"
-            )
-            return "cpu"
-        return "gpu"
-    return decode
-
-
-def choose_batch_size(
-    fabric: Fabric,
-    module: nn.Module,
-    model: nn.Module,
-    data: DataArgs,
-    towers: frozenset[str],
-    decode: str,
-) -> int:
-    """``--data.batch_size``, or what ``auto`` finds with one probe batch of the ``towers`` that run on
-    every device holding weights, the smallest over all ranks. A strategy whose forward needs a partner
-    rank (``local_forward = False``) cannot probe alone and gets the default."""
-    if data.batch_size != "auto":
-        return data.batch_size
-    if not hooks(fabric.strategy).local_forward:
-        fabric.print(f"clip_fabric: batch size {DEFAULT_BATCH_SIZE} (auto cannot probe a paired forward)")
-        return DEFAULT_BATCH_SIZE
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    held = {p.device for p in model.parameters() if p.device.type == fabric.device.type}
-    devices = [fabric.device, *sorted(held - {fabric.device}, key=str)]  # two under model_parallel
-
-    def inputs(n: int) -> tuple:
-        return (
-            torch.zeros(n, 3, size, size, device=devices[0]) if "image" in towers else None,
-            torch.zeros(n, model.context_length, dtype=torch.int64, device=devices[0])
-            if "text" in towers
-            else None,
-        )
-
-    extra = GPU_DECODE_BYTES_PER_SAMPLE if decode == "gpu" else 0
-    with torch.inference_mode():
-        found = auto_batch_size(module, inputs, devices, extra_bytes_per_sample=extra)
-    found = int(fabric.all_reduce(torch.tensor(found, device=fabric.device), reduce_op=ReduceOp.MIN))
-    fabric.print(f"clip_fabric: batch size {found} (auto)")
-    return found
 
 
 class DeviceBatches:
@@ -124,7 +51,7 @@ class DeviceBatches:
         data: DataArgs,
         batch_size: int,
         device: torch.device,
-        decode: str,
+        decode: DecodePath,
         mode: Mode,
         local_ranks: int = 1,
     ) -> None:
@@ -132,10 +59,10 @@ class DeviceBatches:
         # The cpu path hands uint8 pixels to a GPU, which normalises them in microseconds; a CPU run keeps
         # that step in the workers, beside the decoding, rather than in its one main process.
         cpu = CpuDecoder(
-            preprocess, tokenizer, data.max_image_pixels, mode="pil" if decode == "pil" else "cpu",
-            scale_jpegs=data.dct_scaling and decode == "cpu", normalise_on_device=device.type != "cpu",
+            preprocess, tokenizer, data.max_image_pixels, mode=decode.worker_mode,
+            scale_jpegs=data.dct_scaling and decode.scales_jpegs, normalise_on_device=device.type != "cpu",
         )  # fmt: skip
-        gpu = decode == "gpu" and mode.reads_images
+        gpu = decode.on_device and mode.reads_images
         # Decoded images cross from the workers through shared memory, which caps --data.num_workers
         # auto: uint8 pixels on the cpu path for a GPU (3 bytes a pixel), float32 model input otherwise
         # (12); JPEG bytes for the GPU decoder are small.
