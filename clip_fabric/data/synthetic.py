@@ -21,8 +21,8 @@ from clip_fabric.config import DataArgs
 from clip_fabric.data import RawSample, Shard, chunk
 
 JPEG_QUALITY = 90
-# Noise levels of the ``photo`` pictures: at quality 90 they give about 60-90 kB per 500x375 JPEG and
-# 250-350 kB per 1024x768 one, the sizes of web photos (~75 kB, ~310 kB).
+# Noise levels of the ``photo`` pictures, chosen so that their JPEGs are as large as web photos of the
+# same size (the figures: docs/benchmarks.md, 'The generated shards'; tests/test_benchmark.py).
 NOISE_SIGMAS = (7, 9, 11, 13)
 NOISE_SIDE = 1600
 PICTURES = ("smooth", "photo", "noise")
