@@ -68,7 +68,8 @@ class DataArgs:
     closeness of each."""
     dct_scaling: bool = False
     """``cpu`` decoding: decode JPEGs of at least twice the model's input size at 1/2, 1/4 or 1/8 scale
-    (libjpeg's DCT scaling): about twice as fast on large photos, up to 1e-3 cosine from open_clip."""
+    (libjpeg's DCT scaling): faster on large photos, a little further from open_clip (docs/benchmarks.md,
+    'How close the paths are')."""
     cpu_decode_share: float | Literal["auto"] = "auto"
     """With ``gpu`` decoding: the share of JPEGs the DataLoader workers decode anyway, so that their CPU
     cores add to the GPU decoder; ``auto`` sets it while the run goes, from the times of the workers and

@@ -121,8 +121,8 @@ class MatmulPatchEmbedding(nn.Module):
 
     Patches of a stride-equals-kernel convolution do not overlap, so the convolution is a reshape of the
     image into ``[patches, channels * kernel]`` rows times the flattened kernel. cuDNN runs this shape
-    (NCHW input, 32x32 or 14x14 kernel, 3 input channels) slowly: on an H100 its kernel took 8.4 ms per
-    1,024 images, 27% of ViT-B-32's image tower in bf16, and the matmul 0.3 ms (docs/benchmarks.md).
+    (NCHW input, 32x32 or 14x14 kernel, 3 input channels) slowly, and the matmul many times faster
+    (docs/benchmarks.md, 'What made the towers faster').
     The result is the convolution's, up to float rounding; it keeps the convolution's ``weight``
     Parameter (and ``bias``), so the state dict is unchanged.
     """

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+
+from clip_fabric.data.synthetic import synthetic_image
 
 TINY_CONFIG = {
     "embed_dim": 32,
@@ -67,12 +68,8 @@ def tiny_checkpoint(tiny_config) -> Path:
 
 
 def jpeg_bytes(index: int, size: tuple[int, int], mode: str = "RGB", fmt: str = "JPEG") -> bytes:
-    rng = np.random.default_rng(index)
-    array = rng.integers(0, 256, size=(size[1], size[0], len(mode) if mode != "L" else 1), dtype=np.uint8)
-    image = Image.fromarray(array.squeeze(-1) if mode == "L" else array, mode)
-    buf = io.BytesIO()
-    image.save(buf, format=fmt)
-    return buf.getvalue()
+    """Random pixels at Pillow's default quality: the package's generator, its ``noise`` picture."""
+    return synthetic_image(index, size, "noise", mode=mode, fmt=fmt, quality=None)
 
 
 SIZES = [(40, 30), (64, 64), (31, 57), (100, 20), (33, 33)]

@@ -41,6 +41,21 @@ def test_generated_jpegs_are_photo_sized_and_cached(tmp_path):
     assert shards.make_dataset(tmp_path, (40, 30), 7, 3, 1)["generated_shards"] == 0  # reused
 
 
+def test_one_generator_makes_the_three_pictures_each_decoder_test_needs():
+    """Smooth, photo-like and noise pictures of one size compress in that order (what the decoder
+    comparisons and the benchmark's photo sizes rely on); a kind or mode it has not fails in one line."""
+    from clip_fabric.data.synthetic import synthetic_image
+
+    smooth, photo, noise = (len(synthetic_image(0, (256, 192), p)) for p in ("smooth", "photo", "noise"))
+    assert smooth < photo < noise
+    assert shards.synthetic_photo(5, (64, 48)) == synthetic_image(5, (64, 48), "photo")
+    assert Image.open(io.BytesIO(synthetic_image(1, (9, 7), "noise", mode="L", fmt="PNG"))).mode == "L"
+    with pytest.raises(ValueError, match="picture 'flat' is not one of"):
+        synthetic_image(0, (8, 8), "flat")
+    with pytest.raises(ValueError, match="mode 'L' is for the noise picture only"):
+        synthetic_image(0, (8, 8), "photo", mode="L")
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

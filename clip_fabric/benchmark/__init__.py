@@ -19,6 +19,7 @@ from __future__ import annotations
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from clip_fabric.benchmark.options import BenchmarkArgs, check_names
@@ -66,17 +67,42 @@ def setup(**options: Any) -> dict:
 
 def run(args: BenchmarkArgs) -> dict:
     """Generate (or reuse) the images, then measure: the model alone (every model), then per model and
-    data set its tuned end-to-end runs, its run with predict's defaults and its naive loop."""
+    data set its tuned end-to-end runs, the data path alone, its run with predict's defaults and its
+    naive loop. The report is saved after each measurement, so that a run cut short keeps them."""
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    datasets = _datasets(args)
+    print(f"clip_fabric benchmark: model only ({', '.join(args.model_names)})", flush=True)
+    model_only, machine = run_model_only(args)
+    report = _new_report(args, datasets, model_only, machine)
+
+    def checkpoint() -> None:
+        save(report, args.output_path, args.chart_path, started, final=False)
+
+    checkpoint()
+    for name in args.model_names:
+        for data in datasets:
+            _measure(args, report, name, data, checkpoint)
+    save(report, args.output_path, args.chart_path, started, final=True)
+    print(format_tables(report))
+    print(
+        f"clip_fabric benchmark: report {args.output_path}, chart {args.chart_path} "
+        f"({report['seconds']:.0f} s)"
+    )
+    return report
+
+
+def _datasets(args: BenchmarkArgs) -> list[dict]:
+    """The tar shards of every image size, then (with ``--folder_images``) its folder of files."""
     granule = args.total_workers()
     datasets = [make_dataset(args.work, size, count, args.shard_size, granule) for size, count in args.sets]
     if args.folder_images:
         datasets += [make_folder(args.work, size, args.folder_images, granule) for size, _ in args.sets]
+    return datasets
 
-    print(f"clip_fabric benchmark: model only ({', '.join(args.model_names)})", flush=True)
-    model_only, machine = run_model_only(args)
-    report: dict[str, Any] = {
+
+def _new_report(args: BenchmarkArgs, datasets: list[dict], model_only: list[dict], machine: dict) -> dict:
+    return {
         "command": _command_line(),
         "weights": "pretrained: " + args.model.pretrained if args.model.pretrained else RANDOM_WEIGHTS,
         "machine": machine,
@@ -88,40 +114,39 @@ def run(args: BenchmarkArgs) -> dict:
         "naive": [],
         "data_path": [],
     }
-    gpu_count = machine.get("cuda_devices") or 0
-    save(report, args.output_path, args.chart_path, started, final=False)
-    for name in args.model_names:
-        for data in datasets:
-            for prec in args.precisions:
-                rate = next(
-                    (r["images_per_s"] for r in model_only if (r["model"], r["precision"]) == (name, prec)),
-                    None,
-                )
-                for decode_mode in args.decodes:
-                    for count in args.device_counts:
-                        row = run_end_to_end(args, name, prec, data, decode_mode, count, rate, gpu_count)
-                        report["end_to_end"].append(row)
-                        save(report, args.output_path, args.chart_path, started, final=False)
-            if data["input"] == "webdataset":  # the bound of the runs above: no model, one device
-                rate = next((r["images_per_s"] for r in model_only if r["model"] == name), None)
-                shards = shards_to_read(args, data, rate, 1) or data["shards"]
-                for decode_mode in args.decodes:
-                    report["data_path"].append(run_data_path(args, name, data, decode_mode, shards))
-                save(report, args.output_path, args.chart_path, started, final=False)
-            for count in args.device_counts if args.defaults else []:
-                tuned = best_tuned(report, name, data["input"], data["image_size"], count)
-                report["defaults"].append(run_defaults(args, name, data, count, tuned, gpu_count))
-                save(report, args.output_path, args.chart_path, started, final=False)
-            if args.naive and data["input"] == "webdataset":
-                report["naive"].append(run_naive(args, name, data))
-                save(report, args.output_path, args.chart_path, started, final=False)
-    save(report, args.output_path, args.chart_path, started, final=True)
-    print(format_tables(report))
-    print(
-        f"clip_fabric benchmark: report {args.output_path}, chart {args.chart_path} "
-        f"({report['seconds']:.0f} s)"
-    )
-    return report
+
+
+def _measure(
+    args: BenchmarkArgs, report: dict, name: str, data: dict, checkpoint: Callable[[], None]
+) -> None:
+    """One model on one data set: the tuned runs first, as the defaults run is compared with the best
+    of them; the data path alone and the naive loop read tar shards only."""
+    gpu_count = report["machine"].get("cuda_devices") or 0
+    for prec in args.precisions:
+        rate = _model_rate(report, name, prec)
+        for decode_mode in args.decodes:
+            for count in args.device_counts:
+                row = run_end_to_end(args, name, prec, data, decode_mode, count, rate, gpu_count)
+                report["end_to_end"].append(row)
+                checkpoint()
+    if data["input"] == "webdataset":  # the bound of the runs above: no model, one device
+        shards = shards_to_read(args, data, _model_rate(report, name), 1) or data["shards"]
+        for decode_mode in args.decodes:
+            report["data_path"].append(run_data_path(args, name, data, decode_mode, shards))
+        checkpoint()
+    for count in args.device_counts if args.defaults else []:
+        tuned = best_tuned(report, name, data["input"], data["image_size"], count)
+        report["defaults"].append(run_defaults(args, name, data, count, tuned, gpu_count))
+        checkpoint()
+    if args.naive and data["input"] == "webdataset":
+        report["naive"].append(run_naive(args, name, data))
+        checkpoint()
+
+
+def _model_rate(report: dict, name: str, precision: str | None = None) -> float | None:
+    """The model-only images/s of a model under ``precision`` (None: its first precision's)."""
+    rows = (r for r in report["model_only"] if r["model"] == name and precision in (None, r["precision"]))
+    return next((r["images_per_s"] for r in rows), None)
 
 
 def _command_line() -> str | None:

@@ -111,12 +111,34 @@ def naive(request: dict) -> dict:
     ``preprocess`` in DataLoader workers, a float32 model, ``encode_image``, normalise, ``.cpu()``,
     and the embeddings saved with ``np.save`` at the end. Timed from the first ``next(loader)`` to the
     saved file, like predict's own throughput; a run stopped at the time limit is measured up to its
-    best point in its second half (see below)."""
+    best point in its second half (``_late_rate``)."""
     import numpy as np
+    import torch
+
+    model, preprocess, device = _naive_model(request)
+    loader = _naive_loader(request, preprocess)
+    start = time.perf_counter()
+    embeddings, progress, stopped = _naive_loop(model, loader, device, start, request["seconds"])
+    del loader  # its workers stop here
+    array = torch.cat(embeddings).numpy()
+    Path(request["output"]).parent.mkdir(parents=True, exist_ok=True)
+    np.save(request["output"], array)
+    seconds = time.perf_counter() - start
+    cuda = device.type == "cuda"
+    return {
+        "images": len(array),
+        "seconds": round(seconds, 3),
+        "images_per_s": round(_late_rate(progress) if stopped else len(array) / seconds, 1),
+        "stopped_at_time_limit": stopped,
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None,
+        "output": request["output"],
+    }
+
+
+def _naive_model(request: dict):
+    """(float32 model in eval mode on its device, open_clip's PIL ``preprocess``, the device)."""
     import open_clip
     import torch
-    import webdataset as wds
-    from torch.utils.data import DataLoader
 
     from clip_fabric.model import register_config
 
@@ -128,7 +150,13 @@ def naive(request: dict) -> dict:
     )
     use_cuda = request["accelerator"] != "cpu" and torch.cuda.is_available()
     device = torch.device("cuda" if use_cuda else "cpu")
-    model = model.to(device).eval()
+    return model.to(device).eval(), preprocess, device
+
+
+def _naive_loader(request: dict, preprocess):
+    """webdataset's PIL decode and ``preprocess`` in DataLoader workers, at most one per shard."""
+    import webdataset as wds
+    from torch.utils.data import DataLoader
 
     dataset = (
         wds.WebDataset(request["urls"], shardshuffle=False)
@@ -137,9 +165,15 @@ def naive(request: dict) -> dict:
         .map_tuple(preprocess, _identity)
     )
     workers = min(request["num_workers"], len(request["urls"]))
-    loader = DataLoader(dataset, batch_size=request["batch_size"], num_workers=workers)
-    embeddings, stopped, progress, count = [], False, [], 0
-    start = time.perf_counter()
+    return DataLoader(dataset, batch_size=request["batch_size"], num_workers=workers)
+
+
+def _naive_loop(model, loader, device, start: float, limit_s: float) -> tuple[list, list, bool]:
+    """(the normalised embeddings on the CPU per batch, (elapsed s, images so far) after each batch,
+    whether the time limit stopped it)."""
+    import torch
+
+    embeddings, progress, count = [], [], 0
     with torch.no_grad():
         for images, _captions in loader:
             features = model.encode_image(images.to(device))
@@ -148,28 +182,17 @@ def naive(request: dict) -> dict:
             count += len(features)
             elapsed = time.perf_counter() - start
             progress.append((elapsed, count))
-            if elapsed > request["seconds"]:
-                stopped = True
-                break
-    del loader  # its workers stop here
-    array = torch.cat(embeddings).numpy()
-    Path(request["output"]).parent.mkdir(parents=True, exist_ok=True)
-    np.save(request["output"], array)
-    seconds = time.perf_counter() - start
-    rate = len(array) / seconds
-    if stopped:
-        # Workers that start together deliver their batches in bursts; a run cut at the time limit may
-        # end just after a burst began, which would understate its rate. The best images/elapsed of the
-        # second half of the run is the rate at the end of a burst: the cut cannot count against it.
-        rate = max(n / t for t, n in progress if t >= progress[-1][0] / 2)
-    return {
-        "images": len(array),
-        "seconds": round(seconds, 3),
-        "images_per_s": round(rate, 1),
-        "stopped_at_time_limit": stopped,
-        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if use_cuda else None,
-        "output": request["output"],
-    }
+            if elapsed > limit_s:
+                return embeddings, progress, True
+    return embeddings, progress, False
+
+
+def _late_rate(progress: list[tuple[float, int]]) -> float:
+    """The rate of a run cut at the time limit. Workers that start together deliver their batches in
+    bursts; a run cut at the time limit may end just after a burst began, which would understate its
+    rate. The best images/elapsed of the second half of the run is the rate at the end of a burst: the
+    cut cannot count against it."""
+    return max(n / t for t, n in progress if t >= progress[-1][0] / 2)
 
 
 def data_path(request: dict) -> dict:

@@ -210,10 +210,38 @@ def _input(row: dict) -> str:
     return " folder" if row.get("input") == "folder" else ""
 
 
+# Chart layout, in pixels: a bar's row, the space above the first bar, the left margin, and the room to
+# the right of the longest bar for its figure.
+ROW_H, TOP, LEFT, RIGHT = 26, 70, 20, 230
+
+
 def draw_chart(report: dict, path: Path) -> None:
     """A labelled horizontal bar chart of images/s per measurement (PIL only)."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
+    bars = _chart_bars(report)
+    font, title_font = _chart_fonts()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = int(max([probe.textlength(label, font=font) for _, label, _ in bars] or [100])) + 16
+    width = max(1000, label_w + 600)
+    height = TOP + ROW_H * max(len(bars), 1) + 50
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    machine = report.get("machine", {})
+    title = f"clip_fabric benchmark: images/s on {machine.get('device', '?')}"
+    draw.text((LEFT, 12), title, fill="black", font=title_font)
+    draw.text((LEFT, 38), report["weights"].split(":")[0], fill=(90, 90, 90), font=font)
+    rates = [r.get("images_per_s") or 0 for _, _, r in bars]
+    scale = (width - LEFT - label_w - RIGHT) / max(max(rates, default=0), 1)
+    for i, (kind, label, row) in enumerate(bars):
+        _draw_bar(draw, TOP + i * ROW_H, LEFT + label_w, scale, COLOURS[kind], label, row, font)
+    _draw_legend(draw, probe, height, font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def _chart_bars(report: dict) -> list[tuple[str, str, dict]]:
+    """(kind, label, row) of every bar, each model's bars together in the report's order."""
     bars = [("model only", f"{r['model']} {r['precision']} model only", r) for r in report["model_only"]]
     bars += [
         (
@@ -230,50 +258,47 @@ def draw_chart(report: dict, path: Path) -> None:
     ]
     bars += [("naive", f"{r['model']} fp32 {r['image_size']} naive", r) for r in report["naive"]]
     order = list(dict.fromkeys(row["model"] for _, _, row in bars))
-    bars.sort(key=lambda bar: order.index(bar[2]["model"]))  # each model's bars together (stable)
+    bars.sort(key=lambda bar: order.index(bar[2]["model"]))  # stable: each kind keeps its order
+    return bars
+
+
+def _chart_fonts() -> tuple:
+    """(label font, title font): Pillow's scalable default font, else its bitmap font."""
+    from PIL import ImageFont
+
     try:
-        font = ImageFont.load_default(size=15)
-        title_font = ImageFont.load_default(size=18)
-    except (TypeError, OSError):  # Pillow < 10.1 or no FreeType: the bitmap font
-        font = title_font = ImageFont.load_default()
-    row_h, top, left, right = 26, 70, 20, 230
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = int(max([probe.textlength(label, font=font) for _, label, _ in bars] or [100])) + 16
-    width = max(1000, label_w + 600)
-    height = top + row_h * max(len(bars), 1) + 50
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    machine = report.get("machine", {})
-    draw.text(
-        (left, 12),
-        f"clip_fabric benchmark: images/s on {machine.get('device', '?')}",
-        fill="black",
-        font=title_font,
-    )
-    draw.text((left, 38), report["weights"].split(":")[0], fill=(90, 90, 90), font=font)
-    rates = [r.get("images_per_s") or 0 for _, _, r in bars]
-    scale = (width - left - label_w - right) / max(max(rates, default=0), 1)
-    for i, (kind, label, row) in enumerate(bars):
-        y = top + i * row_h
-        draw.text((left, y + 4), label, fill="black", font=font)
-        x0 = left + label_w
-        rate = row.get("images_per_s")
-        if rate:
-            draw.rectangle((x0, y + 3, x0 + max(int(rate * scale), 1), y + row_h - 4), fill=COLOURS[kind])
-            text = f"{rate:,.0f}"
-            if row.get("vs_naive"):
-                text += f"  ({row['vs_naive']:.1f}x naive)"
-            elif row.get("of_tuned"):
-                text += f"  ({row['of_tuned']:.0%} of tuned)"
-            elif row.get("scaling_efficiency") and row.get("devices", 1) > 1:
-                text += f"  ({row['scaling_efficiency']:.0%} of linear scaling)"
-            draw.text((x0 + int(rate * scale) + 6, y + 4), text, fill="black", font=font)
-        else:
-            draw.text((x0, y + 4), "failed", fill=(200, 0, 0), font=font)
-    x = left
+        return ImageFont.load_default(size=15), ImageFont.load_default(size=18)
+    except (TypeError, OSError):  # Pillow < 10.1 or no FreeType
+        font = ImageFont.load_default()
+        return font, font
+
+
+def _draw_bar(draw, y: int, x0: int, scale: float, colour: tuple, label: str, row: dict, font) -> None:
+    """One measurement's label, bar and figure (with its ratio), or "failed"."""
+    draw.text((LEFT, y + 4), label, fill="black", font=font)
+    rate = row.get("images_per_s")
+    if not rate:
+        draw.text((x0, y + 4), "failed", fill=(200, 0, 0), font=font)
+        return
+    draw.rectangle((x0, y + 3, x0 + max(int(rate * scale), 1), y + ROW_H - 4), fill=colour)
+    draw.text((x0 + int(rate * scale) + 6, y + 4), f"{rate:,.0f}" + _bar_ratio(row), fill="black", font=font)
+
+
+def _bar_ratio(row: dict) -> str:
+    """The one ratio a bar shows beside its figure: against the naive loop, the best tuned run or
+    linear scaling, the first that the row has."""
+    if row.get("vs_naive"):
+        return f"  ({row['vs_naive']:.1f}x naive)"
+    if row.get("of_tuned"):
+        return f"  ({row['of_tuned']:.0%} of tuned)"
+    if row.get("scaling_efficiency") and row.get("devices", 1) > 1:
+        return f"  ({row['scaling_efficiency']:.0%} of linear scaling)"
+    return ""
+
+
+def _draw_legend(draw, probe, height: int, font) -> None:
+    x = LEFT
     for kind, colour in COLOURS.items():
         draw.rectangle((x, height - 32, x + 16, height - 16), fill=colour)
         draw.text((x + 22, height - 34), kind, fill="black", font=font)
         x += int(probe.textlength(kind, font=font)) + 60
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)

@@ -1,5 +1,6 @@
-"""The benchmark's images: photo-like JPEGs from one generator, written as webdataset tar shards or as a
-folder of files, in a process pool, and cached so that a rerun reuses them."""
+"""The benchmark's images: photo-like JPEGs from the package's one generator (``data/synthetic.py``),
+written as webdataset tar shards or as a folder of files, in a process pool, and cached so that a rerun
+reuses them."""
 
 from __future__ import annotations
 
@@ -11,11 +12,10 @@ import tarfile
 import time
 from pathlib import Path
 
-GENERATOR_VERSION = 2  # bump when the generated images change, so that cached shards are not reused
-JPEG_QUALITY = 90
-# Noise levels of the generated pictures: at quality 90 they give about 60-90 kB per 500x375 JPEG and
-# 250-350 kB per 1024x768 one, the sizes of web photos (~75 kB, ~310 kB).
-NOISE_SIGMAS = (7, 9, 11, 13)
+# Bump when the generated images change (data/synthetic.py's photo picture), so that cached shards are not
+# reused.
+GENERATOR_VERSION = 2
+JPEG_QUALITY = 90  # part of the cache folder's name; the generator is clip_fabric/data/synthetic.py
 TARGET_SHARD_SIZE = 1000
 # ``--image_sizes photo``: a size of its own for every image, as crawled photos and img2dataset's
 # keep_ratio shards have: the shorter side uniform in [256, 768] px, the aspect ratio log-uniform in
@@ -48,46 +48,11 @@ FOLDER_TASK = 500  # images per task of the folder generator's pool
 
 
 def synthetic_photo(index: int, size: tuple[int, int], quality: int = JPEG_QUALITY) -> bytes:
-    """A JPEG that compresses like a photo: a smooth random field of three octaves, upscaled, plus mild
-    noise (pure noise would be several times larger than a photo, a flat field several times smaller).
-    The same for a given index on every run."""
-    import numpy as np
-    from PIL import Image, ImageChops
+    """Image ``index`` of the benchmark's sets: the package's one generator, its ``photo`` picture (the
+    name stays for the scripts under docs/measurements/)."""
+    from clip_fabric.data.synthetic import synthetic_image
 
-    rng = np.random.default_rng(index)
-    width, height = size
-    small = (max(width // 4, 2), max(height // 4, 2))
-    field = None
-    for scale, weight in ((16, 1.0), (4, 0.33), (1, 0.14)):
-        coarse = rng.integers(0, 256, size=(max(small[1] // scale, 2), max(small[0] // scale, 2), 3))
-        layer = Image.fromarray(coarse.astype(np.uint8))
-        layer = layer.resize(small, Image.BICUBIC) if layer.size != small else layer
-        field = layer if field is None else Image.blend(field, layer, weight)
-    image = field.resize(size, Image.BICUBIC)
-    sigma = NOISE_SIGMAS[int(rng.integers(len(NOISE_SIGMAS)))]
-    x, y = (int(v) for v in rng.integers(0, 256, 2))
-    image = ImageChops.add(image, _noise(size, sigma).crop((x, y, x + width, y + height)), 1.0, -128)
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-_NOISE: dict = {}
-NOISE_SIDE = 1600
-
-
-def _noise(size: tuple[int, int], sigma: int):
-    """Gaussian noise around 128, 256 pixels larger than ``size`` each way and at least NOISE_SIDE
-    square, so that the photo-like set's many sizes share one field; made once per process."""
-    size = (max(size[0], NOISE_SIDE), max(size[1], NOISE_SIDE))
-    if (size, sigma) not in _NOISE:
-        import numpy as np
-        from PIL import Image
-
-        rng = np.random.default_rng(sigma)
-        values = rng.normal(128, sigma, size=(size[1] + 256, size[0] + 256, 3))
-        _NOISE[size, sigma] = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))
-    return _NOISE[size, sigma]
+    return synthetic_image(index, size, "photo", quality=quality)
 
 
 def shard_layout(num_images: int, shard_size: int | None, workers: int) -> tuple[int, int]:

@@ -103,7 +103,7 @@ def tasks_per_node(env: Mapping[str, str]) -> dict[str, int] | None:
 def rendezvous_host(env: Mapping[str, str]) -> str | None:
     """The host rank 0 listens on, as Fabric picks it: MASTER_ADDR, else the first node of the step
     (``SLURMEnvironment.resolve_root_node_address``'s answer, which tests/test_doctor.py checks: importing
-    Lightning here would cost every task of the job 1.7 s, docs/startup.md)."""
+    Lightning here would slow every task of the job, docs/startup.md, 'What was cut')."""
     if "MASTER_ADDR" in env:
         return env["MASTER_ADDR"]
     if "SLURM_NODELIST" in env:

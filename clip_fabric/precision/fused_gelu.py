@@ -1,10 +1,11 @@
 """The MLP's first linear layer and its GELU as one matmul, for pure bf16 (``bf16-true``).
 
 cuBLASLt applies GELU in the matmul's epilogue, so the ``[tokens, 4 x width]`` activation is written once
-instead of written, read and written again. On an H100 this made ViT-L-14's image tower 8% faster in
-bf16 (docs/benchmarks.md). The epilogue computes GELU's tanh approximation; it differs from the exact
-(erf) GELU by at most 4.7e-4, 16 times less than bf16's rounding of a value of that size, and the
-tower's embeddings stayed as close to float32 as those of the exact GELU (cosine 0.99991 vs 0.99990).
+instead of written, read and written again, which made ViT-L-14's image tower faster in bf16. The
+epilogue computes GELU's tanh approximation; it differs from the exact (erf) GELU by far less than
+bf16's rounding of a value of that size, and the tower's embeddings stayed as close to float32 as those
+of the exact GELU (the figures: docs/precision.md, 'GELU in the matmul'; docs/benchmarks.md, 'What made
+the towers faster').
 Other precisions keep the exact GELU.
 """
 
